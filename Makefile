@@ -1,0 +1,83 @@
+# Two commands from a fresh machine: `make dev` and `make test`.
+# Everything else here is what those two are made of.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+STAMP  := $(VENV)/.setup-done
+PROTOS := $(wildcard proto/platform_network/v1/*.proto)
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup dev test gen gen-check lint typecheck layers unit pytest bench lock clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade "pip==25.3"
+	$(BIN)/pip install --quiet -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	@touch $@
+
+# Regenerate gen/ from proto/. The generated tree is committed.
+gen: $(STAMP)
+	$(call protoc,gen)
+
+define protoc
+	rm -rf $(1)/platform_network && mkdir -p $(1)/platform_network/v1
+	PATH="$(abspath $(BIN)):$$PATH" $(PY) -m grpc_tools.protoc -I proto \
+		--python_out=$(1) --grpc_python_out=$(1) \
+		--mypy_out=quiet:$(1) --mypy_grpc_out=quiet:$(1) $(PROTOS)
+	printf '"""Generated from proto/platform_network by `make gen`. Do not edit."""\n' \
+		| tee $(1)/platform_network/__init__.py > $(1)/platform_network/v1/__init__.py
+endef
+
+# Fails when gen/ differs from what proto/ produces.
+gen-check: $(STAMP)
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	$(MAKE) --no-print-directory protoc-into OUT=$$tmp >/dev/null && \
+	if diff -r -x __pycache__ $$tmp/platform_network gen/platform_network; then \
+		echo "gen/ is up to date"; \
+	else echo "gen/ is stale: run 'make gen' and commit the result" >&2; exit 1; fi
+
+.PHONY: protoc-into
+protoc-into:
+	$(call protoc,$(OUT))
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+layers: $(STAMP)
+	$(BIN)/lint-imports
+
+# pytest exits 5 when a selection collects nothing; a selection may
+# legitimately be empty (e.g. `make pytest K=...`), so that is not a failure.
+pytest: $(STAMP)
+	$(BIN)/pytest $(PYTEST_ARGS) || { rc=$$?; [ $$rc -eq 5 ] && echo "no tests selected" || exit $$rc; }
+
+test: gen-check lint typecheck layers pytest
+
+# The platform on embedded defaults: SQLite, a generated admin token.
+dev: $(STAMP)
+	$(PY) -m platform_common.devrun
+
+bench: $(STAMP)
+	$(PY) bench/registry_fanout.py
+	$(PY) bench/admin_writes.py
+
+# Re-pin every dependency (transitive too) from pyproject.toml into requirements.lock.
+lock:
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	$(PYTHON) -m venv $$tmp/venv && \
+	$$tmp/venv/bin/pip install --quiet "pip==25.3" && \
+	$$tmp/venv/bin/pip install --quiet ".[dev]" "setuptools==80.9.0" && \
+	{ echo "# Exact versions of every dependency; regenerate with 'make lock'."; \
+	  $$tmp/venv/bin/pip freeze --all --exclude-editable | grep -v -e '^platform-network' -e '^pip=='; } > requirements.lock
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .import_linter_cache .tmp

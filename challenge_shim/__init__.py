@@ -1,0 +1,1 @@
+"""The challenge shim sidecar and the SDK a Python challenge uses to speak the contract."""

@@ -1,0 +1,1 @@
+"""Generated from proto/platform_network by `make gen`. Do not edit."""

@@ -1,0 +1,1 @@
+"""The master: challenge registry, epochs and weights, runtimes, broker, edge control plane."""

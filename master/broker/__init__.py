@@ -1,0 +1,1 @@
+"""The Broker: sandboxed jobs run on behalf of challenges."""

@@ -1,0 +1,89 @@
+"""``platform master`` and ``platform db``: command-line entry points of the master."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from typing import Any
+
+from platform_common import config as cfg
+from platform_common import logs
+
+
+def register(subparsers: Any) -> None:
+    from master.config import MasterConfig
+
+    parser = subparsers.add_parser(
+        "master",
+        help="run the master (registry, weights, broker, edge control plane)",
+        description="Run the Platform master: a gRPC server with the challenge registry, "
+        "health, reflection and Prometheus metrics.",
+        epilog=cfg.env_only_help(MasterConfig)
+        + "\n\nPrecedence: flags > PLATFORM_* environment > --config file > defaults.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cfg.add_arguments(parser, MasterConfig)
+    parser.set_defaults(func=run_master)
+
+
+def register_db(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "db",
+        help="control-plane database maintenance",
+        description="Apply or inspect the control-plane database migrations.",
+    )
+    actions = parser.add_subparsers(dest="db_action", required=True, metavar="ACTION")
+    for name, text in (
+        ("upgrade", "apply every pending migration"),
+        ("current", "print the schema revision of the database and of this release"),
+    ):
+        sub = actions.add_parser(name, help=text, description=text)
+        sub.add_argument(
+            "--database-url",
+            metavar="URL",
+            default=argparse.SUPPRESS,
+            help="database URL (env PLATFORM_DATABASE_URL; default: the master's default)",
+        )
+        sub.set_defaults(func=run_db)
+
+
+def run_master(args: argparse.Namespace) -> int:
+    from master.app import serve
+    from master.config import MasterConfig
+
+    try:
+        config = cfg.load(MasterConfig, args)
+        logs.configure("master", config.log_level, config.log_format)
+        config.check()
+        config.admin_token_value()
+    except cfg.ConfigError as exc:
+        print(f"platform master: {exc}", file=sys.stderr)
+        return 2
+    asyncio.run(serve(config))
+    return 0
+
+
+def run_db(args: argparse.Namespace) -> int:
+    from master.config import MasterConfig
+    from master.db import migrate
+    from master.db.engine import DatabaseUrlError, create_engine
+
+    config = cfg.load(MasterConfig, args)
+
+    async def act() -> str:
+        engine = create_engine(config.database_url)
+        try:
+            if args.db_action == "upgrade":
+                await migrate.upgrade(engine)
+            current = await migrate.current_revision(engine)
+            return f"database: {current or '(empty)'}  release: {migrate.head_revision()}"
+        finally:
+            await engine.dispose()
+
+    try:
+        print(asyncio.run(act()))
+    except DatabaseUrlError as exc:
+        print(f"platform db: {exc}", file=sys.stderr)
+        return 2
+    return 0

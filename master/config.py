@@ -1,0 +1,130 @@
+"""Settings of ``platform master``: flags, ``PLATFORM_*`` environment, ``[master]`` in a file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from master.db.engine import DatabaseUrlError, check_url
+from master.registry.rules import DEFAULT_METADATA_KEYS
+from platform_common import tokens
+from platform_common.config import ConfigError, parse_host_port, setting
+
+
+@dataclass(frozen=True)
+class MasterConfig:
+    SECTION = "master"
+
+    listen: str = setting(
+        "127.0.0.1:50051",
+        "gRPC listen address HOST:PORT (port 0 picks a free port)",
+        metavar="HOST:PORT",
+    )
+    database_url: str = setting(
+        "sqlite+aiosqlite:///platform.db",
+        "control-plane database: sqlite+aiosqlite:///PATH (embedded, dev only) or "
+        "postgresql+asyncpg://USER:PASSWORD@HOST:PORT/DB",
+        metavar="URL",
+    )
+    admin_token_file: str = setting(
+        "",
+        "file holding the operators' admin token (alternative to PLATFORM_ADMIN_TOKEN)",
+        metavar="PATH",
+    )
+    admin_token: str = setting(
+        "",
+        "the operators' admin token (at least 16 characters; never pass it as a flag)",
+        flag=False,
+    )
+    production: bool = setting(
+        False,
+        "production policy: PostgreSQL required, images pinned by tag and sha256 digest "
+        "and under an allowlisted namespace",
+    )
+    image_allowlist: tuple[str, ...] = setting(
+        (),
+        "comma-separated registry namespaces images must come from, e.g. ghcr.io/my-org",
+        metavar="NAMESPACES",
+    )
+    metadata_keys: tuple[str, ...] = setting(
+        tuple(sorted(DEFAULT_METADATA_KEYS)),
+        "comma-separated keys allowed in a challenge's public metadata",
+        metavar="KEYS",
+    )
+    metrics_listen: str = setting(
+        "127.0.0.1:9464",
+        "Prometheus /metrics address HOST:PORT; empty disables it",
+        metavar="HOST:PORT",
+    )
+    log_level: str = setting("info", "log level", choices=("debug", "info", "warning", "error"))
+    log_format: str = setting("json", "log format", choices=("json", "text"))
+    migrate: bool = setting(True, "apply database migrations at start-up")
+    shutdown_grace: float = setting(
+        10.0, "seconds in-flight calls get to finish after SIGTERM", metavar="SECONDS"
+    )
+    bookmark_interval: float = setting(
+        30.0, "seconds of silence after which a watch stream gets a bookmark", metavar="SECONDS"
+    )
+    feed_poll_interval: float = setting(
+        1.0,
+        "seconds between reads of the event log for writes made by other master replicas",
+        metavar="SECONDS",
+    )
+    event_retention: int = setting(
+        100_000,
+        "registry events kept for watchers to resume from; older ones are compacted",
+        metavar="EVENTS",
+    )
+    compaction_interval: float = setting(
+        300.0, "seconds between event-log compactions", metavar="SECONDS"
+    )
+    max_concurrent_rpcs: int = setting(
+        20_000, "calls (open streams included) served at once; more are refused", metavar="N"
+    )
+    ready_file: str = setting(
+        "",
+        "once serving, write the gRPC address HOST:PORT to this file (useful with port 0)",
+        metavar="PATH",
+    )
+
+    def admin_token_value(self) -> str:
+        """The admin token from PLATFORM_ADMIN_TOKEN or the token file."""
+        if self.admin_token and self.admin_token_file:
+            raise ConfigError("set either PLATFORM_ADMIN_TOKEN or --admin-token-file, not both")
+        if self.admin_token_file:
+            try:
+                return tokens.read_token_file(Path(self.admin_token_file))
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"--admin-token-file: {exc}") from exc
+        if self.admin_token:
+            return self.admin_token
+        raise ConfigError(
+            "no admin token: set PLATFORM_ADMIN_TOKEN or --admin-token-file "
+            "(generate one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))')"
+        )
+
+    def check(self) -> None:
+        """Refuse settings that cannot work together, with a message naming them."""
+        parse_host_port(self.listen, "--listen")
+        if self.metrics_listen:
+            parse_host_port(self.metrics_listen, "--metrics-listen")
+        try:
+            check_url(self.database_url, production=self.production)
+        except DatabaseUrlError as exc:
+            raise ConfigError(str(exc)) from exc
+        if self.production and not self.image_allowlist:
+            raise ConfigError(
+                "--image-allowlist: production mode needs at least one allowed registry namespace"
+            )
+        for name in (
+            "shutdown_grace",
+            "bookmark_interval",
+            "feed_poll_interval",
+            "compaction_interval",
+        ):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')}: must be positive")
+        if self.event_retention < 1:
+            raise ConfigError("--event-retention: must be at least 1")
+        if self.max_concurrent_rpcs < 1:
+            raise ConfigError("--max-concurrent-rpcs: must be at least 1")

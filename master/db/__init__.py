@@ -1,0 +1,1 @@
+"""The control-plane store: engine, schema and migrations runner."""

@@ -1,0 +1,70 @@
+"""Database engines for the control-plane store (SQLite embedded, PostgreSQL in production)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+SQLITE_DRIVER = "sqlite+aiosqlite"
+POSTGRES_DRIVER = "postgresql+asyncpg"
+
+
+class DatabaseUrlError(ValueError):
+    pass
+
+
+def check_url(url: str, *, production: bool) -> str:
+    """Validate a database URL for this deployment; return its dialect ("sqlite"/"postgresql")."""
+    try:
+        parsed = make_url(url)
+    except Exception as exc:
+        raise DatabaseUrlError(f"--database-url: cannot parse {url!r}: {exc}") from exc
+    driver = parsed.drivername
+    if driver == SQLITE_DRIVER:
+        if production:
+            raise DatabaseUrlError(
+                "--database-url: production mode refuses SQLite; use a PostgreSQL URL "
+                "(postgresql+asyncpg://user:password@host:5432/platform)"
+            )
+        if parsed.database in (None, "", ":memory:"):
+            raise DatabaseUrlError(
+                "--database-url: SQLite needs a file path (an in-memory database would be "
+                "lost on restart and is not shared between connections)"
+            )
+        return "sqlite"
+    if driver == POSTGRES_DRIVER:
+        return "postgresql"
+    raise DatabaseUrlError(
+        f"--database-url: unsupported driver {driver!r}; use {SQLITE_DRIVER}:///PATH or "
+        f"{POSTGRES_DRIVER}://..."
+    )
+
+
+def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
+    """An async engine with the settings each backend needs."""
+    dialect = check_url(url, production=False)
+    if dialect == "sqlite":
+        engine = create_async_engine(url, connect_args={"timeout": 30})
+        _tune_sqlite(engine)
+        return engine
+    return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+
+
+def _tune_sqlite(engine: AsyncEngine) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Let SQLAlchemy, not the driver, decide where transactions begin.
+        dbapi_conn.isolation_level = None
+        cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN")

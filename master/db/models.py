@@ -1,0 +1,72 @@
+"""Schema of the control-plane database, as SQLAlchemy 2 models.
+
+The schema is created and changed only by the Alembic migrations in
+``migrations/``; these models describe it for queries. A test checks that the
+migrated schema and these models agree.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, DateTime, Index, LargeBinary, SmallInteger, String
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+JsonType = JSON().with_variant(JSONB(), "postgresql")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class RegistryState(Base):
+    """One row (id = 1): the head of the registry's event log.
+
+    Every registry write updates this row first. On PostgreSQL the row lock
+    serializes writers, which makes revisions gap-free and equal to commit order
+    (a watcher that has seen revision N can never later see a smaller one
+    appear) and makes the emission-sum check race-free across master replicas.
+    """
+
+    __tablename__ = "registry_state"
+
+    id: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    revision: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    # Events with revision <= compacted_revision have been deleted.
+    compacted_revision: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    # Random id of this event history; a watcher from another database resyncs.
+    history_id: Mapped[str] = mapped_column(String(32), nullable=False)
+
+
+class ChallengeRow(Base):
+    __tablename__ = "challenges"
+
+    slug: Mapped[str] = mapped_column(String(40), primary_key=True)
+    status: Mapped[int] = mapped_column(SmallInteger, nullable=False)
+    emission_share_ppb: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    # The client-settable fields (rules.spec_to_dict), the share included.
+    spec: Mapped[dict[str, Any]] = mapped_column(JsonType, nullable=False)
+    token_sha256: Mapped[bytes] = mapped_column(LargeBinary(32), nullable=False)
+    token_issue_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    update_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    revision: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    create_revision: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+    __table_args__ = (Index("ix_challenges_status", "status"),)
+
+
+class RegistryEventRow(Base):
+    """The registry's event log; WatchRegistry replays it."""
+
+    __tablename__ = "registry_events"
+
+    revision: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    slug: Mapped[str] = mapped_column(String(40), nullable=False)
+    # 1 = put, 2 = delete (RegistryEvent.Type numbers).
+    type: Mapped[int] = mapped_column(SmallInteger, nullable=False)
+    # The challenge after the change (before it, for a delete), without the token.
+    challenge: Mapped[dict[str, Any]] = mapped_column(JsonType, nullable=False)
+    commit_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)

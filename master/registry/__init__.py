@@ -1,0 +1,1 @@
+"""The challenge registry: rules, store, change feed and gRPC service."""

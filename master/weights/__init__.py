@@ -1,0 +1,1 @@
+"""The weights pipeline (epochs, signed vectors, the Weights service)."""

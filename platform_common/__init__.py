@@ -1,0 +1,1 @@
+"""Code shared by the master, the validator agent and the challenge shim."""

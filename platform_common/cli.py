@@ -1,0 +1,34 @@
+"""The ``platform`` console script.
+
+Subcommands are plugged in through the ``platform_network.commands`` entry-point
+group (see pyproject.toml): each component registers its own, so this shared
+module never imports the components above it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib.metadata import entry_points
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="platform",
+        description="Platform: a control plane that runs many challenges as one Bittensor subnet.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for entry in sorted(entry_points(group="platform_network.commands"), key=lambda e: e.name):
+        entry.load()(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())
