@@ -58,13 +58,14 @@ layers: $(STAMP)
 # pytest exits 5 when a selection collects nothing; a selection may
 # legitimately be empty (e.g. `make pytest K=...`), so that is not a failure.
 pytest: $(STAMP)
-	$(BIN)/pytest $(PYTEST_ARGS) || { rc=$$?; [ $$rc -eq 5 ] && echo "no tests selected" || exit $$rc; }
+	@mkdir -p .tmp
+	$(BIN)/pytest --basetemp=.tmp/pytest $(PYTEST_ARGS) || { rc=$$?; [ $$rc -eq 5 ] && echo "no tests selected" || exit $$rc; }
 
 test: gen-check lint typecheck layers pytest
 
 # The platform on embedded defaults: SQLite, a generated admin token.
 dev: $(STAMP)
-	$(PY) -m platform_common.devrun
+	$(BIN)/platform dev
 
 bench: $(STAMP)
 	$(PY) bench/registry_fanout.py

@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
@@ -67,7 +67,10 @@ CALLER: contextvars.ContextVar[Caller] = contextvars.ContextVar(
 )
 
 Metadata = tuple[tuple[str, str | bytes], ...]
-Handler = grpc.RpcMethodHandler[Any, Any]
+if TYPE_CHECKING:
+    Handler = grpc.RpcMethodHandler[Any, Any]
+else:
+    Handler = grpc.RpcMethodHandler
 # Returns the caller, or raises Unauthenticated.
 Authenticator = Callable[[str, Metadata], Awaitable[Caller]]
 

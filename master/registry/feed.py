@@ -65,6 +65,7 @@ class RegistryFeed:
         self._log_first = 1
         self._changed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._wake = asyncio.Event()
+        self._pull_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -89,11 +90,12 @@ class RegistryFeed:
         return self._closed
 
     def wake(self) -> None:
-        """A local write committed: tail now instead of at the next poll."""
+        """Tail now instead of at the next poll."""
         self._wake.set()
 
     async def sync(self) -> None:
-        """Tail once, now (used when a client names a revision the feed has not seen)."""
+        """Tail once, now. Write RPCs call this before answering, so a client that
+        wrote and then watches (or lists public challenges) sees its own write."""
         await self._pull()
 
     # -- reads for streams ----------------------------------------------------------
@@ -177,6 +179,10 @@ class RegistryFeed:
                 await asyncio.sleep(min(self._poll_interval, 1.0))
 
     async def _pull(self) -> None:
+        async with self._pull_lock:
+            await self._pull_locked()
+
+    async def _pull_locked(self) -> None:
         while True:
             head, events = await self._store.events_after(self.revision, limit=1000)
             if (

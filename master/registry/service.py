@@ -199,6 +199,8 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
                     continue
                 await feed.wait_after(position, quiet_left)
         except FeedClosed:
+            if context.done():  # the client already went away
+                return
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE,
                 "server shutting down; reconnect with your last revision",
@@ -220,8 +222,7 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
             await feed.sync()  # another replica may have committed it a moment ago
             if since > feed.revision:
                 return self._snapshot(Reason.SNAPSHOT_REASON_UNKNOWN_REVISION)
-        if since < feed.compacted_revision:
-            return self._snapshot(Reason.SNAPSHOT_REASON_COMPACTED)
+        # Resumable if the events are still buffered in memory or still in the log.
         if feed.buffered_after(since) is None and await feed.stored_after(since, since + 1) is None:
             return self._snapshot(Reason.SNAPSHOT_REASON_COMPACTED)
         return since, None
@@ -239,7 +240,12 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
             metrics.REGISTRY_WRITES.labels(operation, refusal.kind.value).inc()
             raise
         metrics.REGISTRY_WRITES.labels(operation, "ok").inc()
-        self._feed.wake()
+        try:
+            await self._feed.sync()
+        except Exception:
+            # Committed regardless; the feed's own loop retries the read.
+            log.warning("registry feed could not catch up after a write", exc_info=True)
+            self._feed.wake()
         return result
 
     @staticmethod

@@ -1,0 +1,1 @@
+"""Test support: real servers and processes the suite starts and stops."""

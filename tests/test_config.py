@@ -1,0 +1,87 @@
+"""Layered settings: defaults < config file < environment < flags."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import pytest
+
+from master.config import MasterConfig
+from platform_common import config as cfg
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    cfg.add_arguments(parser, MasterConfig)
+    return parser.parse_args(list(argv))
+
+
+def test_precedence_flag_over_env_over_file_over_default(tmp_path: Path) -> None:
+    file = tmp_path / "platform.toml"
+    file.write_text(
+        '[master]\nlisten = "127.0.0.1:1111"\nbookmark_interval = 5\n'
+        'image_allowlist = ["ghcr.io/a", "ghcr.io/b"]\nproduction = true\n'
+    )
+    env = {"PLATFORM_LISTEN": "127.0.0.1:2222", "PLATFORM_BOOKMARK_INTERVAL": "7.5"}
+    loaded = cfg.load(MasterConfig, parse("--config", str(file), "--listen", "127.0.0.1:3333"), env)
+    assert loaded.listen == "127.0.0.1:3333"  # flag
+    assert loaded.bookmark_interval == 7.5  # env over file
+    assert loaded.image_allowlist == ("ghcr.io/a", "ghcr.io/b")  # file
+    assert loaded.production is True  # file
+    assert loaded.event_retention == 100_000  # default
+
+
+def test_config_file_from_environment_and_boolean_flags(tmp_path: Path) -> None:
+    file = tmp_path / "p.toml"
+    file.write_text("[master]\nmigrate = false\n")
+    loaded = cfg.load(MasterConfig, parse(), {"PLATFORM_CONFIG": str(file)})
+    assert loaded.migrate is False
+    assert cfg.load(MasterConfig, parse("--migrate"), {"PLATFORM_CONFIG": str(file)}).migrate
+
+
+def test_env_lists_are_comma_separated() -> None:
+    loaded = cfg.load(MasterConfig, parse(), {"PLATFORM_IMAGE_ALLOWLIST": "ghcr.io/a, quay.io/b"})
+    assert loaded.image_allowlist == ("ghcr.io/a", "quay.io/b")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[master]\nlistn = 'x'\n", "unknown setting(s) in [master]: ['listn']"),
+        ("[master\n", "is not valid TOML"),
+        ("[master]\nevent_retention = true\n", "expected an integer"),
+        ("[master]\nlog_format = 'xml'\n", "must be one of json, text"),
+    ],
+)
+def test_bad_config_files_are_refused_naming_the_setting(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    file = tmp_path / "bad.toml"
+    file.write_text(text)
+    with pytest.raises(cfg.ConfigError, match=re.escape(message)):
+        cfg.load(MasterConfig, parse("--config", str(file)), {})
+
+
+def test_missing_config_file_is_named() -> None:
+    with pytest.raises(cfg.ConfigError, match="does not exist"):
+        cfg.load(MasterConfig, parse("--config", "/nonexistent/p.toml"), {})
+
+
+def test_admin_token_sources(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("file-token-0123456789\n")
+    assert MasterConfig(admin_token_file=str(token_file)).admin_token_value() == (
+        "file-token-0123456789"
+    )
+    assert MasterConfig(admin_token="env-token-0123456789").admin_token_value() == (
+        "env-token-0123456789"
+    )
+    with pytest.raises(cfg.ConfigError, match="not both"):
+        MasterConfig(admin_token="a" * 20, admin_token_file=str(token_file)).admin_token_value()
+    with pytest.raises(cfg.ConfigError, match="no admin token"):
+        MasterConfig().admin_token_value()
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(cfg.ConfigError, match="is empty"):
+        MasterConfig(admin_token_file=str(tmp_path / "empty")).admin_token_value()

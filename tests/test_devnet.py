@@ -1,0 +1,95 @@
+"""``platform dev`` (what ``make dev`` runs): starts, prints working commands, stops cleanly."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support.master import VENV_BIN
+
+pytestmark = pytest.mark.process
+
+
+def _read_until(
+    proc: subprocess.Popen[str], pattern: str, seen: list[str], within: float = 30
+) -> str:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if re.search(pattern, line):
+            return line
+    raise AssertionError(f"{pattern!r} not printed; got:\n{''.join(seen)}")
+
+
+def test_dev_prints_commands_that_work_and_stops_everything(tmp_path: Path) -> None:
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
+    env.pop("PLATFORM_ADMIN_TOKEN", None)
+    proc = subprocess.Popen(
+        [
+            str(VENV_BIN / "platform"),
+            "dev",
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    seen: list[str] = []
+    try:
+        _read_until(proc, r"Registry changes appear below", seen)
+        banner = "".join(seen)
+        address = re.search(r"master\s+(127\.0\.0\.1:\d+)", banner)
+        assert address is not None
+        assert re.search(r"metrics\s+http://127\.0\.0\.1:[1-9]\d*/metrics", banner)
+        # Run the printed commands exactly as printed, one shell for all.
+        commands = [
+            line.strip()
+            for line in banner[banner.index("export PLATFORM_ADMIN_TOKEN") :]
+            .split("\n\n")[0]
+            .replace("\\\n", " ")
+            .splitlines()
+        ]
+        script = "set -e\n" + "\n".join(commands)
+        result = subprocess.run(
+            ["bash", "-c", script],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        assert "platform_network.v1.Registry" in result.stdout
+        assert '"token": "pct_' in result.stdout
+        # The live view shows the change the printed command made.
+        _read_until(proc, r"revision 1: demo now DRAFT, share 0\.5", seen)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert "Stopped." in out
+    # The master it started is gone: its port refuses connections.
+    host, port = address.group(1).split(":")
+    with socket.socket() as sock:
+        sock.settimeout(2)
+        with pytest.raises(ConnectionRefusedError):
+            sock.connect((host, int(port)))

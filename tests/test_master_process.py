@@ -1,0 +1,210 @@
+"""The real ``platform master`` process: restarts after SIGKILL, graceful SIGTERM, CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from platform_network.v1 import registry_pb2, registry_pb2_grpc
+from tests.helpers import ACTIVE, create, set_status
+from tests.registry.test_watch import take, watch
+from tests.support.master import ADMIN, ADMIN_TOKEN, VENV_BIN, MasterProcess
+
+pytestmark = pytest.mark.process
+
+
+async def test_watcher_misses_nothing_across_sigkill_restart(
+    database_url: str, tmp_path: Path
+) -> None:
+    first = MasterProcess(tmp_path / "m1", database_url)
+    address = first.start()
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = registry_pb2_grpc.RegistryStub(channel)
+            await create(stub, "alpha", 0.3)
+            live = watch(stub)
+            [snapshot] = await take(live, 1)
+            await create(stub, "beta", 0.2)
+            [seen] = await take(live, 1)
+            cursor = seen.cursor
+            assert seen.event.revision == 2
+            # Written after the watcher's last message, then the master dies hard.
+            await set_status(stub, "alpha", ACTIVE)
+            await create(stub, "gamma", 0.1)
+            first.kill()
+            # The open stream may still hold events 3 and 4; after them it must fail.
+            with pytest.raises(grpc.aio.AioRpcError) as lost:
+                await take(live, 5)
+            assert lost.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        first.kill()
+
+    second = MasterProcess(tmp_path / "m2", database_url)
+    address = second.start()
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = registry_pb2_grpc.RegistryStub(channel)
+            resumed = watch(stub, cursor.revision, cursor.history_id)
+            missed = await take(resumed, 2)
+            assert [m.event.revision for m in missed] == [3, 4]
+            assert [m.event.challenge.slug for m in missed] == ["alpha", "gamma"]
+            assert missed[0].event.challenge.status == ACTIVE
+            # Same history, new process.
+            assert missed[0].cursor.history_id == snapshot.cursor.history_id
+            assert missed[0].cursor.server_epoch != snapshot.cursor.server_epoch
+            await create(stub, "delta", 0.1)
+            [live_event] = await take(resumed, 1)
+            resumed.cancel()
+            assert live_event.event.revision == 5
+    finally:
+        second.stop()
+
+
+async def test_sigterm_turns_health_off_and_ends_streams_cleanly(tmp_path: Path) -> None:
+    proc = MasterProcess(tmp_path, f"sqlite+aiosqlite:///{tmp_path / 'm.db'}")
+    address = proc.start()
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            health_watch = health.Watch(
+                health_pb2.HealthCheckRequest(service="platform_network.v1.Registry")
+            )
+            first = await asyncio.wait_for(health_watch.read(), 5)
+            assert first.status == health_pb2.HealthCheckResponse.SERVING
+            stub = registry_pb2_grpc.RegistryStub(channel)
+            stream = watch(stub)
+            await take(stream, 1)
+
+            assert proc.proc is not None
+            proc.proc.terminate()
+            second = await asyncio.wait_for(health_watch.read(), 5)
+            assert second.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                await take(stream, 1)
+            assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "shutting down" in (ended.value.details() or "")
+        assert proc.terminate() == 0
+        log = proc.log()
+        assert "master stopped" in log
+        # Logs are one JSON object per line.
+        records = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+        assert {"ts", "level", "msg", "component"} <= records[0].keys()
+    finally:
+        proc.stop()
+
+
+async def test_metrics_endpoint_serves_prometheus_text(tmp_path: Path) -> None:
+    proc = MasterProcess(tmp_path, f"sqlite+aiosqlite:///{tmp_path / 'm.db'}")
+    address = proc.start()
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            await create(registry_pb2_grpc.RegistryStub(channel), "alpha")
+        record = next(
+            json.loads(line) for line in proc.log().splitlines() if "master serving" in line
+        )
+        url = f"http://127.0.0.1:{record['metrics_port']}/metrics"
+        body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read())
+        text = body.decode()
+        assert (
+            'platform_grpc_requests_total{code="OK",'
+            'method="/platform_network.v1.Registry/CreateChallenge"} 1.0' in text
+        )
+        assert "platform_registry_revision 1.0" in text
+    finally:
+        proc.stop()
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(VENV_BIN / "platform"), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": str(VENV_BIN), **(env or {})},
+        check=False,
+    )
+
+
+def test_help_documents_every_master_setting() -> None:
+    import dataclasses
+
+    from master.config import MasterConfig
+
+    result = run_cli("master", "--help")
+    assert result.returncode == 0
+    for field in dataclasses.fields(MasterConfig):
+        env = "PLATFORM_" + field.name.upper()
+        assert env in result.stdout, f"{env} missing from --help"
+        if field.metadata.get("flag", True):
+            assert "--" + field.name.replace("_", "-") in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (
+            ["--production", "--image-allowlist", "ghcr.io/x"],
+            {"PLATFORM_ADMIN_TOKEN": ADMIN_TOKEN},
+            "production mode refuses SQLite",
+        ),
+        ([], {}, "no admin token"),
+        (
+            ["--listen", "nope"],
+            {"PLATFORM_ADMIN_TOKEN": ADMIN_TOKEN},
+            "--listen: expected HOST:PORT",
+        ),
+        (
+            ["--database-url", "mysql://x/y"],
+            {"PLATFORM_ADMIN_TOKEN": ADMIN_TOKEN},
+            "unsupported driver",
+        ),
+        (
+            [],
+            {"PLATFORM_ADMIN_TOKEN": ADMIN_TOKEN, "PLATFORM_SHUTDOWN_GRACE": "soon"},
+            "PLATFORM_SHUTDOWN_GRACE",
+        ),
+        (
+            ["--production", "--database-url", "postgresql+asyncpg://u@127.0.0.1:1/p"],
+            {"PLATFORM_ADMIN_TOKEN": ADMIN_TOKEN},
+            "--image-allowlist",
+        ),
+    ],
+)
+def test_master_refuses_bad_settings_with_a_clear_message(
+    args: list[str], env: dict[str, str], message: str
+) -> None:
+    result = run_cli("master", *args, env=env)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_db_upgrade_and_current(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}"
+    before = run_cli("db", "current", "--database-url", url)
+    assert "database: (empty)" in before.stdout
+    upgraded = run_cli("db", "upgrade", "--database-url", url)
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert "database: 0001_registry  release: 0001_registry" in upgraded.stdout
+
+
+async def test_master_without_migrate_refuses_an_unmigrated_database(tmp_path: Path) -> None:
+    proc = MasterProcess(tmp_path, f"sqlite+aiosqlite:///{tmp_path / 'm.db'}", "--no-migrate")
+    with pytest.raises(RuntimeError, match="platform db upgrade"):
+        proc.start()
+    proc.stop()
+
+
+def test_console_script_is_the_venv_one() -> None:
+    assert Path(sys.executable).parent == VENV_BIN
+    assert (VENV_BIN / "grpcurl").exists()
+
+
+_ = registry_pb2, ADMIN
