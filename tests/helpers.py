@@ -23,7 +23,7 @@ def spec(slug: str, share: float = 0.1, **fields: Any) -> registry_pb2.Challenge
 
 
 async def create(
-    stub: registry_pb2_grpc.RegistryStub, slug: str, share: float = 0.1, **fields: Any
+    stub: registry_pb2_grpc.RegistryAsyncStub, slug: str, share: float = 0.1, **fields: Any
 ) -> registry_pb2.CreateChallengeResponse:
     return await stub.CreateChallenge(
         registry_pb2.CreateChallengeRequest(challenge=spec(slug, share, **fields)), metadata=ADMIN
@@ -31,7 +31,10 @@ async def create(
 
 
 async def set_status(
-    stub: registry_pb2_grpc.RegistryStub, slug: str, status: int, **fields: Any
+    stub: registry_pb2_grpc.RegistryAsyncStub,
+    slug: str,
+    status: registry_pb2.ChallengeStatus.ValueType,
+    **fields: Any,
 ) -> registry_pb2.Challenge:
     return await stub.SetChallengeStatus(
         registry_pb2.SetChallengeStatusRequest(slug=slug, status=status, **fields), metadata=ADMIN

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+from google.protobuf import field_mask_pb2
 
 from master.registry.rules import PPB, share_to_ppb
 from platform_network.v1 import registry_pb2
@@ -61,7 +62,7 @@ async def test_parallel_share_raises_never_exceed_the_emission_sum(database_url:
                 registry_pb2.UpdateChallengeRequest(
                     slug=slug,
                     challenge=registry_pb2.ChallengeSpec(emission_share=0.5),
-                    update_mask={"paths": ["emission_share"]},
+                    update_mask=field_mask_pb2.FieldMask(paths=["emission_share"]),
                 ),
                 metadata=ADMIN,
             )

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-
 import grpc
 import pytest
 
@@ -20,7 +18,7 @@ Event = registry_pb2.RegistryEvent
 
 
 def watch(
-    stub: registry_pb2_grpc.RegistryStub, since: int = 0, history_id: str = ""
+    stub: registry_pb2_grpc.RegistryAsyncStub, since: int = 0, history_id: str = ""
 ) -> grpc.aio.UnaryStreamCall[
     registry_pb2.WatchRegistryRequest, registry_pb2.WatchRegistryResponse
 ]:
@@ -30,8 +28,13 @@ def watch(
     )
 
 
+WatchCall = grpc.aio.UnaryStreamCall[
+    registry_pb2.WatchRegistryRequest, registry_pb2.WatchRegistryResponse
+]
+
+
 async def take(
-    stream: AsyncIterator[registry_pb2.WatchRegistryResponse], count: int, within: float = 10
+    stream: WatchCall, count: int, within: float = 10
 ) -> list[registry_pb2.WatchRegistryResponse]:
     async def collect() -> list[registry_pb2.WatchRegistryResponse]:
         out = []
