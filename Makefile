@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.setup-done
 PROTOS := $(wildcard proto/platform_network/v1/*.proto)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup dev test gen gen-check lint typecheck layers unit pytest bench lock clean
+.PHONY: setup dev test gen gen-check lint typecheck layers postgres-bin pytest bench lock clean
 
 setup: $(STAMP)
 
@@ -61,7 +61,13 @@ pytest: $(STAMP)
 	@mkdir -p .tmp
 	$(BIN)/pytest --basetemp=.tmp/pytest $(PYTEST_ARGS) || { rc=$$?; [ $$rc -eq 5 ] && echo "no tests selected" || exit $$rc; }
 
-test: gen-check lint typecheck layers pytest
+test: gen-check lint typecheck layers postgres-bin pytest
+
+# The tests start a throwaway PostgreSQL server; its binaries come from Debian.
+postgres-bin:
+	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || command -v pg_ctl >/dev/null || { \
+		echo "installing PostgreSQL server binaries (Debian package 'postgresql')"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
 
 # The platform on embedded defaults: SQLite, a generated admin token.
 dev: $(STAMP)
