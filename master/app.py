@@ -16,6 +16,7 @@ import os
 import signal
 from pathlib import Path
 
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from master.config import MasterConfig
@@ -45,6 +46,10 @@ SERVICES = (
 )
 
 
+class StartupError(Exception):
+    """The master cannot start (database unreachable, schema not migrated, port taken)."""
+
+
 class Master:
     def __init__(self, config: MasterConfig) -> None:
         config.check()
@@ -60,10 +65,14 @@ class Master:
     async def start(self) -> None:
         config = self.config
         self._engine = create_engine(config.database_url)
-        if config.migrate:
-            await migrate.upgrade(self._engine)
-        else:
-            await self._require_migrated(self._engine)
+        try:
+            if config.migrate:
+                await migrate.upgrade(self._engine)
+            else:
+                await self._require_migrated(self._engine)
+        except (OSError, SQLAlchemyError) as exc:
+            await self._engine.dispose()
+            raise StartupError(f"cannot use the database: {exc}") from exc
         policy = Policy(
             production=config.production,
             image_allowlist=config.image_allowlist,
@@ -84,15 +93,24 @@ class Master:
         )
         weights = rpc.not_served_yet(weights_pb2_grpc.WeightsServicer, SERVICES[1])
         server.add_service(
-            SERVICES[1], lambda s: weights_pb2_grpc.add_WeightsServicer_to_server(weights, s)
+            SERVICES[1],
+            lambda s: weights_pb2_grpc.add_WeightsServicer_to_server(weights, s),
+            served=False,
         )
         broker = rpc.not_served_yet(broker_pb2_grpc.BrokerServicer, SERVICES[2])
         server.add_service(
-            SERVICES[2], lambda s: broker_pb2_grpc.add_BrokerServicer_to_server(broker, s)
+            SERVICES[2],
+            lambda s: broker_pb2_grpc.add_BrokerServicer_to_server(broker, s),
+            served=False,
         )
         server.on_shutdown(self._feed.close)
         host, port = parse_host_port(config.listen, "--listen")
-        self.port = await server.start(host, port)
+        try:
+            self.port = await server.start(host, port)
+        except (OSError, RuntimeError) as exc:
+            await self._feed.close()
+            await self._engine.dispose()
+            raise StartupError(f"--listen: cannot listen on {config.listen}: {exc}") from exc
         self._server = server
 
         if config.metrics_listen:
@@ -143,7 +161,7 @@ class Master:
         current = await migrate.current_revision(engine)
         head = migrate.head_revision()
         if current != head:
-            raise RuntimeError(
+            raise StartupError(
                 f"database schema is at {current or 'nothing'}, this master needs {head}; "
                 "run `platform db upgrade` or start with --migrate"
             )
@@ -161,6 +179,7 @@ async def serve(config: MasterConfig) -> None:
         await stop.wait()
     finally:
         await master.stop()
+    # A StartupError from start() propagates to the caller with nothing left running.
 
 
 def _write_atomically(path: Path, text: str) -> None:

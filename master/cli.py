@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 from typing import Any
 
@@ -49,7 +50,7 @@ def register_db(subparsers: Any) -> None:
 
 
 def run_master(args: argparse.Namespace) -> int:
-    from master.app import serve
+    from master.app import StartupError, serve
     from master.config import MasterConfig
 
     try:
@@ -60,7 +61,11 @@ def run_master(args: argparse.Namespace) -> int:
     except cfg.ConfigError as exc:
         print(f"platform master: {exc}", file=sys.stderr)
         return 2
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except StartupError as exc:
+        logging.getLogger("master").error("master could not start: %s", exc)
+        return 1
     return 0
 
 

@@ -10,6 +10,8 @@ from master.registry.rules import DEFAULT_METADATA_KEYS
 from platform_common import tokens
 from platform_common.config import ConfigError, parse_host_port, setting
 
+ADMIN_TOKEN_MIN = 16
+
 
 @dataclass(frozen=True)
 class MasterConfig:
@@ -93,11 +95,20 @@ class MasterConfig:
             raise ConfigError("set either PLATFORM_ADMIN_TOKEN or --admin-token-file, not both")
         if self.admin_token_file:
             try:
-                return tokens.read_token_file(Path(self.admin_token_file))
+                token = tokens.read_token_file(Path(self.admin_token_file))
             except (OSError, ValueError) as exc:
                 raise ConfigError(f"--admin-token-file: {exc}") from exc
-        if self.admin_token:
-            return self.admin_token
+            source = "--admin-token-file"
+        elif self.admin_token:
+            token, source = self.admin_token, "PLATFORM_ADMIN_TOKEN"
+        else:
+            token, source = "", ""
+        if token:
+            if len(token) < ADMIN_TOKEN_MIN:
+                raise ConfigError(
+                    f"{source}: the admin token must be at least {ADMIN_TOKEN_MIN} characters"
+                )
+            return token
         raise ConfigError(
             "no admin token: set PLATFORM_ADMIN_TOKEN or --admin-token-file "
             "(generate one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))')"

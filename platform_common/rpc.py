@@ -277,6 +277,7 @@ class Server:
         self._service_names: list[str] = [
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
         ]
+        self._healthy: list[str] = [self._service_names[0]]
         self._on_shutdown: list[Callable[[], Awaitable[None]]] = []
         self.port = 0
 
@@ -285,10 +286,18 @@ class Server:
         return self._server
 
     def add_service(
-        self, descriptor: ServiceDescriptor, register: Callable[[grpc.aio.Server], None]
+        self,
+        descriptor: ServiceDescriptor,
+        register: Callable[[grpc.aio.Server], None],
+        *,
+        served: bool = True,
     ) -> None:
+        """Register a service; ``served=False`` publishes its contract (reflection)
+        without reporting it SERVING in health, for services not implemented yet."""
         register(self._server)
         self._service_names.append(descriptor.full_name)
+        if served:
+            self._healthy.append(descriptor.full_name)
 
     def on_shutdown(self, callback: Callable[[], Awaitable[None]]) -> None:
         """Run ``callback`` after health turns NOT_SERVING, before the grace period."""
@@ -302,7 +311,7 @@ class Server:
         if self.port == 0:
             raise OSError(f"cannot listen on {host}:{port}")
         await self._server.start()
-        for name in ["", *self._service_names]:
+        for name in ["", *self._healthy]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return self.port
 

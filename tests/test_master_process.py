@@ -156,6 +156,7 @@ def test_help_documents_every_master_setting() -> None:
             "production mode refuses SQLite",
         ),
         ([], {}, "no admin token"),
+        ([], {"PLATFORM_ADMIN_TOKEN": "short"}, "must be at least 16 characters"),
         (
             ["--listen", "nope"],
             {"PLATFORM_ADMIN_TOKEN": ADMIN_TOKEN},
@@ -195,11 +196,24 @@ def test_db_upgrade_and_current(tmp_path: Path) -> None:
     assert "database: 0001_registry  release: 0001_registry" in upgraded.stdout
 
 
-async def test_master_without_migrate_refuses_an_unmigrated_database(tmp_path: Path) -> None:
-    proc = MasterProcess(tmp_path, f"sqlite+aiosqlite:///{tmp_path / 'm.db'}", "--no-migrate")
-    with pytest.raises(RuntimeError, match="platform db upgrade"):
+@pytest.mark.parametrize(
+    ("url", "args", "message"),
+    [
+        ("sqlite+aiosqlite:///{tmp}/m.db", ["--no-migrate"], "run `platform db upgrade`"),
+        ("postgresql+asyncpg://u@127.0.0.1:9/none", [], "cannot use the database"),
+    ],
+)
+def test_master_start_failures_are_one_clear_log_line(
+    tmp_path: Path, url: str, args: list[str], message: str
+) -> None:
+    proc = MasterProcess(tmp_path, url.format(tmp=tmp_path), *args)
+    with pytest.raises(RuntimeError, match="master exited with 1"):
         proc.start()
     proc.stop()
+    errors = [json.loads(line) for line in proc.log().splitlines() if line.startswith("{")]
+    assert errors[-1]["level"] == "error"
+    assert message in errors[-1]["msg"]
+    assert "Traceback" not in proc.log()
 
 
 def test_console_script_is_the_venv_one() -> None:

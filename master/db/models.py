@@ -50,6 +50,8 @@ class ChallengeRow(Base):
     spec: Mapped[dict[str, Any]] = mapped_column(JsonType, nullable=False)
     token_sha256: Mapped[bytes] = mapped_column(LargeBinary(32), nullable=False)
     token_issue_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    status_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    status_reason: Mapped[str] = mapped_column(String(512), nullable=False)
     create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     update_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     revision: Mapped[int] = mapped_column(BigInteger, nullable=False)

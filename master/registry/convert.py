@@ -99,6 +99,8 @@ def challenge_to_proto(challenge: Challenge) -> registry_pb2.Challenge:
         revision=challenge.revision,
         create_revision=challenge.create_revision,
         token_issue_time=_ts(challenge.token_issue_time),
+        status_reason=challenge.status_reason,
+        status_time=_ts(challenge.status_time),
     )
 
 

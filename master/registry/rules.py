@@ -107,6 +107,8 @@ class Challenge:
     revision: int
     create_revision: int
     token_issue_time: datetime
+    status_time: datetime
+    status_reason: str = ""
 
     @property
     def slug(self) -> str:
@@ -426,6 +428,15 @@ def _metadata(metadata: Mapping[str, Scalar], policy: Policy, name: str) -> list
 # Status life cycle and the emission invariant
 
 
+STATUS_REASON_MAX = 512
+
+
+def check_status_reason(reason: str) -> None:
+    violations = _text("reason", reason, STATUS_REASON_MAX, multiline=False)
+    if violations:
+        raise invalid(violations)
+
+
 def check_transition(slug: str, current: Status, target: Status) -> None:
     if target not in TRANSITIONS[current]:
         allowed = ", ".join(s.name for s in sorted(TRANSITIONS[current]))
@@ -577,6 +588,8 @@ def challenge_to_dict(challenge: Challenge) -> dict[str, Any]:
         "revision": challenge.revision,
         "create_revision": challenge.create_revision,
         "token_issue_time": challenge.token_issue_time.isoformat(),
+        "status_time": challenge.status_time.isoformat(),
+        "status_reason": challenge.status_reason,
     }
 
 
@@ -589,4 +602,6 @@ def challenge_from_dict(data: Mapping[str, Any]) -> Challenge:
         revision=int(data["revision"]),
         create_revision=int(data["create_revision"]),
         token_issue_time=datetime.fromisoformat(data["token_issue_time"]),
+        status_time=datetime.fromisoformat(data["status_time"]),
+        status_reason=data.get("status_reason", ""),
     )

@@ -72,17 +72,18 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         if status is None:
             allowed = ", ".join(f"CHALLENGE_STATUS_{s.name}" for s in Status)
             raise invalid_field("status", f"must be one of {allowed}; got {request.status}")
-        challenge = await self._write(
+        challenge, changed = await self._write(
             "set_status",
-            self._store.set_status(request.slug, status, request.expected_revision),
+            self._store.set_status(request.slug, status, request.expected_revision, request.reason),
         )
-        self._audit(
-            "challenge status set",
-            challenge.slug,
-            challenge.revision,
-            status=status.name,
-            reason=request.reason,
-        )
+        if changed:
+            self._audit(
+                "challenge status changed",
+                challenge.slug,
+                challenge.revision,
+                status=status.name,
+                reason=request.reason,
+            )
         return convert.challenge_to_proto(challenge)
 
     async def DeleteChallenge(

@@ -86,6 +86,7 @@ class RegistryStore:
                 revision=revision,
                 create_revision=revision,
                 token_issue_time=now,
+                status_time=now,
             )
             await conn.execute(
                 insert(ChallengeRow).values(
@@ -110,26 +111,43 @@ class RegistryStore:
             await self._log(conn, EVENT_PUT, changed, now)
         return changed
 
-    async def set_status(self, slug: str, status: Status, expected_revision: int = 0) -> Challenge:
+    async def set_status(
+        self, slug: str, status: Status, expected_revision: int = 0, reason: str = ""
+    ) -> tuple[Challenge, bool]:
+        """Move ``slug`` to ``status``; return it and whether anything changed.
+
+        Setting the current status again changes nothing (no new revision), so
+        clients can retry safely.
+        """
+        rules.check_status_reason(reason)
         current = await self.get(slug)
         if current.status is status and expected_revision in (0, current.revision):
-            return current  # idempotent retry: no new revision
-        async with self._write() as (conn, revision, now):
-            current = await self._require(conn, slug)
-            rules.check_expected_revision(current, expected_revision)
-            if current.status is status:
-                return current
-            rules.check_transition(slug, current.status, status)
-            if status is Status.ACTIVE:
-                rules.check_emission(
-                    slug, await self._active_shares(conn, slug), current.spec.share_ppb
+            return current, False
+        try:
+            async with self._write() as (conn, revision, now):
+                current = await self._require(conn, slug)
+                rules.check_expected_revision(current, expected_revision)
+                if current.status is status:
+                    # Roll back: the revision bump must not be committed without an event.
+                    raise _Unchanged(current)
+                rules.check_transition(slug, current.status, status)
+                if status is Status.ACTIVE:
+                    rules.check_emission(
+                        slug, await self._active_shares(conn, slug), current.spec.share_ppb
+                    )
+                changed = dataclasses.replace(
+                    current,
+                    status=status,
+                    status_time=now,
+                    status_reason=reason,
+                    update_time=now,
+                    revision=revision,
                 )
-            changed = dataclasses.replace(
-                current, status=status, update_time=now, revision=revision
-            )
-            await self._save(conn, changed)
-            await self._log(conn, EVENT_PUT, changed, now)
-        return changed
+                await self._save(conn, changed)
+                await self._log(conn, EVENT_PUT, changed, now)
+        except _Unchanged as unchanged:
+            return unchanged.challenge, False
+        return changed, True
 
     async def delete(self, slug: str, expected_revision: int = 0) -> int:
         async with self._write() as (conn, revision, now):
@@ -295,6 +313,13 @@ class RegistryStore:
         )
 
 
+class _Unchanged(Exception):
+    """Raised inside a write transaction to roll it back when there is nothing to do."""
+
+    def __init__(self, challenge: Challenge) -> None:
+        self.challenge = challenge
+
+
 class _WriteTxn:
     """``async with store._write() as (conn, revision, now)``: one serialized write."""
 
@@ -353,6 +378,8 @@ def _row_values(challenge: Challenge) -> dict[str, Any]:
         "emission_share_ppb": challenge.spec.share_ppb,
         "spec": rules.spec_to_dict(challenge.spec),
         "token_issue_time": challenge.token_issue_time,
+        "status_time": challenge.status_time,
+        "status_reason": challenge.status_reason,
         "create_time": challenge.create_time,
         "update_time": challenge.update_time,
         "revision": challenge.revision,
@@ -369,6 +396,8 @@ def _from_row(row: Any) -> Challenge:
         revision=int(row.revision),
         create_revision=int(row.create_revision),
         token_issue_time=_utc(row.token_issue_time),
+        status_time=_utc(row.status_time),
+        status_reason=row.status_reason,
     )
 
 

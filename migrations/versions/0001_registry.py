@@ -41,6 +41,8 @@ def upgrade() -> None:
         sa.Column("spec", _json, nullable=False),
         sa.Column("token_sha256", sa.LargeBinary(32), nullable=False),
         sa.Column("token_issue_time", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("status_time", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("status_reason", sa.String(512), nullable=False),
         sa.Column("create_time", sa.DateTime(timezone=True), nullable=False),
         sa.Column("update_time", sa.DateTime(timezone=True), nullable=False),
         sa.Column("revision", sa.BigInteger(), nullable=False),

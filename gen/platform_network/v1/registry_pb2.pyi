@@ -179,6 +179,8 @@ class Challenge(_message.Message):
     REVISION_FIELD_NUMBER: _builtins.int
     CREATE_REVISION_FIELD_NUMBER: _builtins.int
     TOKEN_ISSUE_TIME_FIELD_NUMBER: _builtins.int
+    STATUS_REASON_FIELD_NUMBER: _builtins.int
+    STATUS_TIME_FIELD_NUMBER: _builtins.int
     slug: _builtins.str
     """DNS-1035 label: lowercase letters, digits and '-', starting with a letter,
     not ending with '-', 1..40 characters. Unique and immutable; it names the
@@ -205,6 +207,8 @@ class Challenge(_message.Message):
     """
     create_revision: _builtins.int
     """Store revision at which the challenge was created."""
+    status_reason: _builtins.str
+    """The reason given with the last status change (SetChallengeStatusRequest.reason)."""
     @_builtins.property
     def routes(self) -> Global___PublicRoutes: ...
     @_builtins.property
@@ -233,6 +237,10 @@ class Challenge(_message.Message):
     def token_issue_time(self) -> _timestamp_pb2.Timestamp:
         """When the current token was issued."""
 
+    @_builtins.property
+    def status_time(self) -> _timestamp_pb2.Timestamp:
+        """When the status last changed (the creation time for a DRAFT)."""
+
     def __init__(
         self,
         *,
@@ -251,10 +259,12 @@ class Challenge(_message.Message):
         revision: _builtins.int = ...,
         create_revision: _builtins.int = ...,
         token_issue_time: _timestamp_pb2.Timestamp | None = ...,
+        status_reason: _builtins.str = ...,
+        status_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "resources", b"resources", "routes", b"routes", "token_issue_time", b"token_issue_time", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "resources", b"resources", "routes", b"routes", "status_time", b"status_time", "token_issue_time", b"token_issue_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_revision", b"create_revision", "create_time", b"create_time", "description", b"description", "emission_share", b"emission_share", "env", b"env", "image", b"image", "metadata", b"metadata", "name", b"name", "resources", b"resources", "revision", b"revision", "routes", b"routes", "slug", b"slug", "status", b"status", "token_issue_time", b"token_issue_time", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_revision", b"create_revision", "create_time", b"create_time", "description", b"description", "emission_share", b"emission_share", "env", b"env", "image", b"image", "metadata", b"metadata", "name", b"name", "resources", b"resources", "revision", b"revision", "routes", b"routes", "slug", b"slug", "status", b"status", "status_reason", b"status_reason", "status_time", b"status_time", "token_issue_time", b"token_issue_time", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -591,7 +601,9 @@ class SetChallengeStatusRequest(_message.Message):
     expected_revision: _builtins.int
     """If non-zero, the write succeeds only if the challenge's revision still equals it."""
     reason: _builtins.str
-    """Free text recorded with the change in logs, e.g. why a challenge was disabled."""
+    """Why, e.g. why a challenge was disabled; at most 512 characters. Stored as
+    Challenge.status_reason and logged.
+    """
     def __init__(
         self,
         *,
