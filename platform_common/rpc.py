@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from platform_common import metrics, tokens
+from platform_common.health import SERVING, Health
 from platform_common.refusals import Refusal
 from platform_common.status import to_grpc_status
 from platform_network.v1 import common_pb2
@@ -272,7 +272,7 @@ class Server:
             maximum_concurrent_rpcs=max_concurrent_rpcs,
             options=KEEPALIVE_OPTIONS + tuple(options),
         )
-        self.health = HealthServicer()
+        self.health = Health()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         self._service_names: list[str] = [
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -312,12 +312,12 @@ class Server:
             raise OSError(f"cannot listen on {host}:{port}")
         await self._server.start()
         for name in ["", *self._healthy]:
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            self.health.set(name, SERVING)
         return self.port
 
     async def stop(self, grace: float) -> None:
         """NOT_SERVING, end streams cleanly, then stop accepting and drain for ``grace`` s."""
-        await self.health.enter_graceful_shutdown()
+        self.health.enter_graceful_shutdown()
         for callback in self._on_shutdown:
             try:
                 await callback()

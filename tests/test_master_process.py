@@ -87,6 +87,9 @@ async def test_sigterm_turns_health_off_and_ends_streams_cleanly(tmp_path: Path)
             proc.proc.terminate()
             second = await asyncio.wait_for(health_watch.read(), 5)
             assert second.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as health_ended:
+                await asyncio.wait_for(health_watch.read(), 5)
+            assert health_ended.value.code() == grpc.StatusCode.UNAVAILABLE
             with pytest.raises(grpc.aio.AioRpcError) as ended:
                 await take(stream, 1)
             assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
