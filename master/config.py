@@ -100,10 +100,13 @@ class MasterConfig:
                 raise ConfigError(f"--admin-token-file: {exc}") from exc
             source = "--admin-token-file"
         elif self.admin_token:
-            token, source = self.admin_token, "PLATFORM_ADMIN_TOKEN"
+            # Secrets made with `echo token > file` carry a newline; clients never send one.
+            token, source = self.admin_token.strip(), "PLATFORM_ADMIN_TOKEN"
         else:
             token, source = "", ""
         if token:
+            if any(ch.isspace() for ch in token):
+                raise ConfigError(f"{source}: the admin token must not contain whitespace")
             if len(token) < ADMIN_TOKEN_MIN:
                 raise ConfigError(
                     f"{source}: the admin token must be at least {ADMIN_TOKEN_MIN} characters"

@@ -80,6 +80,11 @@ def test_admin_token_sources(tmp_path: Path) -> None:
     )
     with pytest.raises(cfg.ConfigError, match="not both"):
         MasterConfig(admin_token="a" * 20, admin_token_file=str(token_file)).admin_token_value()
+    assert MasterConfig(admin_token="env-token-0123456789\n").admin_token_value() == (
+        "env-token-0123456789"
+    )
+    with pytest.raises(cfg.ConfigError, match="must not contain whitespace"):
+        MasterConfig(admin_token="env token 0123456789").admin_token_value()
     with pytest.raises(cfg.ConfigError, match="no admin token"):
         MasterConfig().admin_token_value()
     (tmp_path / "empty").write_text("\n")

@@ -1,0 +1,95 @@
+{{/* Name of the chart, overridable. */}}
+{{- define "platform-master.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Full name of the release's objects (63 characters at most). */}}
+{{- define "platform-master.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "platform-master.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "platform-master.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "platform-master.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: master
+{{- end }}
+
+{{- define "platform-master.labels" -}}
+helm.sh/chart: {{ include "platform-master.chart" . }}
+{{ include "platform-master.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | quote }}
+app.kubernetes.io/part-of: platform
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "platform-master.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "platform-master.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* repository:tag@digest; the digest, when given, is what the runtime pulls. */}}
+{{- define "platform-master.image" -}}
+{{- $tag := .Values.image.tag | default .Chart.AppVersion }}
+{{- .Values.image.repository }}:{{ $tag }}
+{{- with .Values.image.digest }}@{{ . }}{{ end }}
+{{- end }}
+
+{{/* True when this chart makes the Secret (some secret value is given inline). */}}
+{{- define "platform-master.createSecret" -}}
+{{- if or (and .Values.adminToken.value (not .Values.adminToken.existingSecret)) (and .Values.database.url (not .Values.database.existingSecret)) }}true{{ end }}
+{{- end }}
+
+{{- define "platform-master.adminTokenSecretName" -}}
+{{- .Values.adminToken.existingSecret | default (include "platform-master.fullname" .) }}
+{{- end }}
+
+{{- define "platform-master.adminTokenSecretKey" -}}
+{{- if .Values.adminToken.existingSecret }}{{ .Values.adminToken.existingSecretKey }}{{ else }}admin-token{{ end }}
+{{- end }}
+
+{{- define "platform-master.databaseSecretName" -}}
+{{- .Values.database.existingSecret | default (include "platform-master.fullname" .) }}
+{{- end }}
+
+{{- define "platform-master.databaseSecretKey" -}}
+{{- if .Values.database.existingSecret }}{{ .Values.database.existingSecretKey }}{{ else }}database-url{{ end }}
+{{- end }}
+
+{{/*
+The [master] table of the configuration file. Values are written with toJson:
+JSON strings, numbers, booleans and arrays of strings are valid TOML as well.
+*/}}
+{{- define "platform-master.configToml" -}}
+# Settings of `platform master`. PLATFORM_<SETTING> environment variables
+# override this file and command-line flags override both.
+[master]
+image_allowlist = {{ .Values.imageAllowlist | toJson }}
+{{- range $key, $value := .Values.config }}
+{{ $key }} = {{ $value | toJson }}
+{{- end }}
+{{ end }}
+
+{{/* Checks that span several values (the schema checks each value on its own). */}}
+{{- define "platform-master.validate" -}}
+{{- $grace := .Values.config.shutdown_grace | default 10 | float64 }}
+{{- $preStop := .Values.lifecycle.preStopSleepSeconds | float64 }}
+{{- if le (.Values.terminationGracePeriodSeconds | float64) (addf $grace $preStop) }}
+{{- fail (printf "terminationGracePeriodSeconds (%v) must exceed config.shutdown_grace (%v) plus lifecycle.preStopSleepSeconds (%v), or the kubelet kills the master before in-flight calls finish" .Values.terminationGracePeriodSeconds $grace $preStop) }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,647 @@
+"""The master's Helm chart: lint, render, validate against the Kubernetes 1.33 schemas, and
+run what it renders.
+
+No cluster is involved. The real helm binary (``make`` puts it next to the venv's Python)
+lints and renders the chart, including its values.schema.json checks;
+``kubernetes_validate`` checks every rendered object against the official strict schemas;
+the master's own settings loader and command-line parser read the rendered config file and
+container command line; and one test starts the rendered command against a throwaway
+PostgreSQL and probes it the way the kubelet does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import copy
+import dataclasses
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+import urllib.request
+from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import kubernetes_validate  # type: ignore[import-untyped]
+import pytest
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from master import cli as master_cli
+from master.config import MasterConfig
+from platform_common import config as cfg
+from tests.support.postgres import PostgresServer, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "helm" / "platform-master"
+CI_VALUES = CHART / "ci" / "production-values.yaml"
+VENV_BIN = Path(sys.executable).parent
+HELM = VENV_BIN / "helm"
+HELM_VERSION = "v3.17.2"
+KUBERNETES_VERSION = "1.33.0"
+RELEASE = "platform"
+NAMESPACE = "platform-system"
+
+Obj = dict[str, Any]
+T = TypeVar("T")
+
+# Settings of the master the chart sets itself, from dedicated values or secrets.
+SET_BY_CHART = {
+    "listen",
+    "metrics_listen",
+    "production",
+    "image_allowlist",
+    "database_url",
+    "admin_token",
+}
+# Settings the chart deliberately never sets, and why.
+NOT_FOR_KUBERNETES = {
+    "admin_token_file": "the token comes from a Secret through PLATFORM_ADMIN_TOKEN",
+    "ready_file": "readiness is the gRPC health probe",
+}
+
+# One valid value for every key values.schema.json allows under `config`.
+EVERY_CONFIG_SETTING: dict[str, Any] = {
+    "log_level": "debug",
+    "log_format": "text",
+    "migrate": False,
+    "shutdown_grace": 2.5,
+    "bookmark_interval": 15,
+    "feed_poll_interval": 0.5,
+    "compaction_interval": 600,
+    "event_retention": 5_000_000,
+    "max_concurrent_rpcs": 1000,
+    "metadata_keys": ["docs", "homepage"],
+}
+
+# Value sets rendered on top of the CI production values.
+EXISTING_SECRETS: Obj = {
+    "production": False,
+    "imageAllowlist": [],
+    "image": {"digest": ""},
+    "adminToken": {"value": "", "existingSecret": "ops-admin"},
+    "database": {"url": "", "existingSecret": "ops-db", "existingSecretKey": "url"},
+    "metrics": {"enabled": False},
+    "podDisruptionBudget": {"enabled": False},
+    "serviceAccount": {"create": False},
+    "lifecycle": {"preStopSleepSeconds": 0},
+    "spreadOverNodes": False,
+}
+EVERYTHING_SET: Obj = {
+    "replicaCount": 3,
+    "config": EVERY_CONFIG_SETTING,
+    "imagePullSecrets": [{"name": "registry-credentials"}],
+    "extraEnv": [{"name": "TZ", "value": "UTC"}],
+    "podAnnotations": {"example.com/team": "subnet"},
+    "podLabels": {"example.com/tier": "control-plane"},
+    "service": {"type": "LoadBalancer", "annotations": {"example.com/lb": "internal"}},
+    "serviceAccount": {"annotations": {"example.com/role": "platform-master"}},
+    "podDisruptionBudget": {"minAvailable": "50%"},
+    "priorityClassName": "system-cluster-critical",
+    "nodeSelector": {"kubernetes.io/os": "linux"},
+    "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "platform"}],
+    "affinity": {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["cp"]}]}
+                ]
+            }
+        }
+    },
+    "topologySpreadConstraints": [
+        {
+            "maxSkew": 1,
+            "topologyKey": "topology.kubernetes.io/zone",
+            "whenUnsatisfiable": "DoNotSchedule",
+            "labelSelector": {"matchLabels": {"app.kubernetes.io/component": "master"}},
+        }
+    ],
+}
+VARIANTS: dict[str, Obj] = {
+    "production": {},
+    "existing-secrets": EXISTING_SECRETS,
+    "everything-set": EVERYTHING_SET,
+}
+
+
+_values_files = itertools.count()
+
+
+@dataclasses.dataclass
+class Helm:
+    """The helm binary with its cache and config kept inside the test's temporary tree."""
+
+    home: Path
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        env = {
+            "PATH": os.environ.get("PATH", ""),
+            "HOME": str(self.home),
+            "HELM_CACHE_HOME": str(self.home / "cache"),
+            "HELM_CONFIG_HOME": str(self.home / "config"),
+            "HELM_DATA_HOME": str(self.home / "data"),
+        }
+        return subprocess.run(
+            [str(HELM), *args], env=env, capture_output=True, text=True, timeout=60, check=False
+        )
+
+    def values_file(self, values: Obj) -> Path:
+        """Write ``values`` as a values file (JSON is YAML) and return its path."""
+        path = self.home / f"values-{next(_values_files)}.yaml"
+        path.write_text(json.dumps(values))
+        return path
+
+    def template(self, values: Obj) -> subprocess.CompletedProcess[str]:
+        return self.run(
+            "template",
+            RELEASE,
+            str(CHART),
+            "--namespace",
+            NAMESPACE,
+            "--kube-version",
+            KUBERNETES_VERSION,
+            "-f",
+            str(CI_VALUES),
+            "-f",
+            str(self.values_file(values)),
+        )
+
+    def render(self, values: Obj | None = None) -> dict[str, Obj]:
+        """The rendered objects by kind (the chart renders at most one of each)."""
+        result = self.template(values or {})
+        assert result.returncode == 0, result.stderr
+        objects: dict[str, Obj] = {}
+        for doc in yaml.safe_load_all(result.stdout):
+            if doc:
+                assert doc["kind"] not in objects, f"two {doc['kind']} objects"
+                objects[doc["kind"]] = doc
+        return objects
+
+
+@pytest.fixture(scope="session")
+def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
+    if not HELM.is_file():
+        pytest.fail(f"{HELM} is missing: build it with `make {HELM.relative_to(ROOT)}`")
+    return Helm(tmp_path_factory.mktemp("helm"))
+
+
+@pytest.fixture(scope="session")
+def schema() -> Obj:
+    loaded: Obj = json.loads((CHART / "values.schema.json").read_text())
+    return loaded
+
+
+def container(objects: dict[str, Obj]) -> Obj:
+    [master] = objects["Deployment"]["spec"]["template"]["spec"]["containers"]
+    assert master["name"] == "master"
+    result: Obj = master
+    return result
+
+
+def pod_spec(objects: dict[str, Obj]) -> Obj:
+    spec: Obj = objects["Deployment"]["spec"]["template"]["spec"]
+    return spec
+
+
+def config_file(objects: dict[str, Obj], directory: Path) -> Path:
+    """The rendered platform.toml, written where the test can read it."""
+    path = directory / "platform.toml"
+    path.write_text(objects["ConfigMap"]["data"]["platform.toml"])
+    return path
+
+
+def container_env(objects: dict[str, Obj]) -> dict[str, str]:
+    """The container's environment as the kubelet builds it from the rendered Secret."""
+    made = objects["Secret"]
+    secrets = {
+        made["metadata"]["name"]: {
+            key: base64.b64decode(value).decode() for key, value in made["data"].items()
+        }
+    }
+    env: dict[str, str] = {}
+    for item in container(objects)["env"]:
+        if "value" in item:
+            env[item["name"]] = item["value"]
+        else:
+            ref = item["valueFrom"]["secretKeyRef"]
+            env[item["name"]] = secrets[ref["name"]][ref["key"]]
+    return env
+
+
+def master_args(args: list[str]) -> argparse.Namespace:
+    """Parse a container's arguments with the real ``platform`` command-line definition."""
+    parser = argparse.ArgumentParser(prog="platform")
+    sub = parser.add_subparsers(dest="command", required=True)
+    master_cli.register(sub)
+    return parser.parse_args(args)
+
+
+def ci_values() -> Obj:
+    loaded: Obj = yaml.safe_load(CI_VALUES.read_text())
+    return loaded
+
+
+# --- the binary and lint ---------------------------------------------------------------
+
+
+def test_helm_is_the_pinned_release(helm: Helm) -> None:
+    result = helm.run("version", "--short")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(HELM_VERSION + "+"), result.stdout
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_lint_strict_passes(helm: Helm, variant: str) -> None:
+    result = helm.run(
+        "lint",
+        "--strict",
+        str(CHART),
+        "--kube-version",
+        KUBERNETES_VERSION,
+        "-f",
+        str(CI_VALUES),
+        "-f",
+        str(helm.values_file(VARIANTS[variant])),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 chart(s) failed" in result.stdout
+
+
+# --- rendering and Kubernetes schemas ----------------------------------------------------
+
+
+def test_renders_the_expected_objects(helm: Helm) -> None:
+    objects = helm.render()
+    assert set(objects) == {
+        "ConfigMap",
+        "Deployment",
+        "PodDisruptionBudget",
+        "Secret",
+        "Service",
+        "ServiceAccount",
+    }
+    for obj in objects.values():
+        assert obj["metadata"]["namespace"] == NAMESPACE
+        assert obj["metadata"]["labels"]["app.kubernetes.io/component"] == "master"
+    assert objects["Deployment"]["spec"]["replicas"] == 2
+
+
+def test_existing_secrets_make_no_secret(helm: Helm) -> None:
+    objects = helm.render(EXISTING_SECRETS)
+    assert "Secret" not in objects
+    assert "PodDisruptionBudget" not in objects
+    assert "ServiceAccount" not in objects
+    refs = {
+        item["name"]: item["valueFrom"]["secretKeyRef"]
+        for item in container(objects)["env"]
+        if "valueFrom" in item
+    }
+    assert refs == {
+        "PLATFORM_ADMIN_TOKEN": {"name": "ops-admin", "key": "admin-token"},
+        "PLATFORM_DATABASE_URL": {"name": "ops-db", "key": "url"},
+    }
+    assert (
+        "checksum/secret"
+        not in objects["Deployment"]["spec"]["template"]["metadata"]["annotations"]
+    )
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_object_validates_against_kubernetes_1_33_strict(helm: Helm, variant: str) -> None:
+    objects = helm.render(VARIANTS[variant])
+    for kind, obj in objects.items():
+        try:
+            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            path = ".".join(str(part) for part in exc.path)
+            pytest.fail(f"{kind} does not validate at {path}: {exc.message}")
+
+
+def test_the_validator_is_strict(helm: Helm) -> None:
+    """A field Kubernetes does not know is refused, so the test above proves something."""
+    deployment = copy.deepcopy(helm.render()["Deployment"])
+    deployment["spec"]["template"]["spec"]["containers"][0]["startupProbe"]["grpc"]["path"] = "/"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
+
+
+# --- the Deployment ------------------------------------------------------------------------
+
+
+def test_pod_security(helm: Helm) -> None:
+    objects = helm.render()
+    pod = pod_spec(objects)
+    assert pod["automountServiceAccountToken"] is False
+    assert objects["ServiceAccount"]["automountServiceAccountToken"] is False
+    assert pod["serviceAccountName"] == objects["ServiceAccount"]["metadata"]["name"]
+    assert pod["enableServiceLinks"] is False
+    assert "hostNetwork" not in pod
+    assert "hostPID" not in pod
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 10001
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+
+    master = container(objects)
+    security = master["securityContext"]
+    assert security["runAsNonRoot"] is True
+    assert security["runAsUser"] == 10001
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["privileged"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+
+    mounts = {m["mountPath"]: m for m in master["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
+    assert mounts["/etc/platform"]["readOnly"] is True
+
+
+def test_image_is_pinned_by_digest(helm: Helm) -> None:
+    image = ci_values()["image"]
+    master = container(helm.render())
+    assert master["image"] == f"{image['repository']}:{image['tag']}@{image['digest']}"
+
+
+def test_command_line_and_probes(helm: Helm) -> None:
+    objects = helm.render()
+    master = container(objects)
+    assert master["command"] == ["platform"]
+    assert master["args"] == [
+        "master",
+        "--config",
+        "/etc/platform/platform.toml",
+        "--listen",
+        "0.0.0.0:50051",
+        "--metrics-listen",
+        "0.0.0.0:9464",
+        "--production",
+    ]
+    ports = {p["name"]: p["containerPort"] for p in master["ports"]}
+    assert ports == {"grpc": 50051, "metrics": 9464}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert master[probe]["grpc"] == {"port": 50051, "service": ""}, probe
+
+    annotations = objects["Deployment"]["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == "9464"
+    service_ports = {p["name"]: p for p in objects["Service"]["spec"]["ports"]}
+    assert service_ports["grpc"]["targetPort"] == "grpc"
+    assert service_ports["metrics"]["targetPort"] == "metrics"
+
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert master["resources"] == defaults["resources"]
+
+
+def test_metrics_can_be_turned_off(helm: Helm, tmp_path: Path) -> None:
+    objects = helm.render({"metrics": {"enabled": False}})
+    master = container(objects)
+    assert "--metrics-listen=" in master["args"]
+    assert [p["name"] for p in master["ports"]] == ["grpc"]
+    assert [p["name"] for p in objects["Service"]["spec"]["ports"]] == ["grpc"]
+    annotations = objects["Deployment"]["spec"]["template"]["metadata"]["annotations"]
+    assert "prometheus.io/scrape" not in annotations
+    args = master_args(master["args"])
+    args.config = str(config_file(objects, tmp_path))
+    loaded = cfg.load(MasterConfig, args, {})
+    assert loaded.metrics_listen == ""
+
+
+def test_termination_grace_covers_the_shutdown(helm: Helm) -> None:
+    objects = helm.render()
+    pod = pod_spec(objects)
+    master = container(objects)
+    config = tomllib.loads(objects["ConfigMap"]["data"]["platform.toml"])["master"]
+    pre_stop = master["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pod["terminationGracePeriodSeconds"] > config["shutdown_grace"] + pre_stop
+
+
+def test_changed_settings_roll_the_pods(helm: Helm) -> None:
+    def checksums(values: Obj) -> tuple[str, str]:
+        annotations = helm.render(values)["Deployment"]["spec"]["template"]["metadata"][
+            "annotations"
+        ]
+        return annotations["checksum/config"], annotations["checksum/secret"]
+
+    config, secret = checksums({})
+    assert checksums({"config": {"log_level": "debug"}})[0] != config
+    assert checksums({"adminToken": {"value": "another-admin-token-0123456789"}})[1] != secret
+
+
+# --- values.schema.json refusals ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "field"),
+    [
+        pytest.param({"database": {"url": ""}}, "database.url", id="production-without-database"),
+        pytest.param({"imageAllowlist": []}, "imageAllowlist", id="production-empty-allowlist"),
+        pytest.param({"image": {"digest": ""}}, "image.digest", id="production-without-digest"),
+        pytest.param(
+            {"production": False, "database": {"url": ""}},
+            "database.url",
+            id="any-mode-without-database",
+        ),
+        pytest.param(
+            {"database": {"url": "sqlite+aiosqlite:///platform.db"}},
+            "database.url",
+            id="sqlite",
+        ),
+        pytest.param({"adminToken": {"value": "too-short"}}, "adminToken.value", id="short-token"),
+        pytest.param({"config": {"shutdown_grac": 3}}, "shutdown_grac", id="unknown-setting"),
+        pytest.param({"config": {"listen": "0.0.0.0:1"}}, "listen", id="chart-owned-setting"),
+        pytest.param({"config": {"shutdown_grace": 0}}, "config.shutdown_grace", id="zero-grace"),
+        pytest.param({"imageAllowlist": ["https://x"]}, "imageAllowlist", id="bad-namespace"),
+        pytest.param(
+            {"extraEnv": [{"name": "PLATFORM_ADMIN_TOKEN", "value": "x" * 20}]},
+            "extraEnv",
+            id="secret-in-extra-env",
+        ),
+        pytest.param(
+            {"terminationGracePeriodSeconds": 15},
+            "terminationGracePeriodSeconds",
+            id="grace-period-too-short",
+        ),
+    ],
+)
+def test_refused_values_name_the_field(helm: Helm, values: Obj, field: str) -> None:
+    result = helm.template(values)
+    assert result.returncode != 0, result.stdout
+    assert field in result.stderr, result.stderr
+
+
+def test_non_production_needs_no_allowlist_or_digest(helm: Helm) -> None:
+    objects = helm.render({"production": False, "imageAllowlist": [], "image": {"digest": ""}})
+    master = container(objects)
+    assert master["args"][-1] == "--no-production"
+    assert "@" not in master["image"]
+
+
+# --- the rendered settings are the master's ----------------------------------------------
+
+
+def test_every_master_setting_is_accounted_for(schema: Obj) -> None:
+    """A new master setting fails here until the chart decides how to expose it."""
+    from_values = set(schema["properties"]["config"]["properties"])
+    fields = {f.name for f in dataclasses.fields(MasterConfig)}
+    assert from_values <= fields, f"not master settings: {sorted(from_values - fields)}"
+    assert not from_values & (SET_BY_CHART | set(NOT_FOR_KUBERNETES))
+    missing = fields - from_values - SET_BY_CHART - set(NOT_FOR_KUBERNETES)
+    assert not missing, f"master settings the chart does not handle: {sorted(missing)}"
+    assert set(EVERY_CONFIG_SETTING) == from_values
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_config_file_loads_as_master_settings(helm: Helm, variant: str, tmp_path: Path) -> None:
+    objects = helm.render(VARIANTS[variant])
+    text = objects["ConfigMap"]["data"]["platform.toml"]
+    parsed = tomllib.loads(text)
+    assert set(parsed) == {"master"}
+    path = config_file(objects, tmp_path)
+    loaded = cfg.load(MasterConfig, environ={"PLATFORM_CONFIG": str(path)})
+
+    values = {**ci_values(), **VARIANTS[variant]}
+    assert loaded.image_allowlist == tuple(values["imageAllowlist"])
+    for key, value in parsed["master"].items():
+        expected = tuple(value) if isinstance(value, list) else value
+        assert getattr(loaded, key) == expected, key
+    if variant == "everything-set":
+        for key, value in EVERY_CONFIG_SETTING.items():
+            expected = tuple(value) if isinstance(value, list) else value
+            assert getattr(loaded, key) == expected, key
+
+
+@pytest.mark.parametrize("variant", ["production", "everything-set"])
+def test_container_starts_a_valid_master_configuration(
+    helm: Helm, variant: str, tmp_path: Path
+) -> None:
+    """Command line + mounted file + environment, read by the master's own CLI and loader."""
+    objects = helm.render(VARIANTS[variant])
+    master = container(objects)
+    pod = pod_spec(objects)
+
+    args = master_args(master["args"])
+    mount = next(
+        m for m in master["volumeMounts"] if m["mountPath"] == str(Path(args.config).parent)
+    )
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert volume["configMap"]["name"] == objects["ConfigMap"]["metadata"]["name"]
+    assert volume["configMap"]["items"] == [
+        {"key": "platform.toml", "path": Path(args.config).name}
+    ]
+
+    args.config = str(config_file(objects, tmp_path))
+    env = container_env(objects)
+    settings = {cfg.env_name(f.name) for f in dataclasses.fields(MasterConfig)}
+    for name in env:
+        assert not name.startswith(cfg.ENV_PREFIX) or name in settings, name
+
+    loaded = cfg.load(MasterConfig, args, env)
+    loaded.check()
+    assert loaded.admin_token_value() == ci_values()["adminToken"]["value"]
+    assert loaded.database_url == ci_values()["database"]["url"]
+    assert loaded.production is True
+    assert loaded.listen == "0.0.0.0:50051"
+    assert loaded.metrics_listen == "0.0.0.0:9464"
+
+
+# --- the rendered command, run --------------------------------------------------------------
+
+
+@pytest.fixture
+def rendered_master(
+    helm: Helm, postgres_server: PostgresServer, tmp_path: Path
+) -> tuple[list[str], dict[str, str], dict[str, Obj]]:
+    """The master's command, environment and pod spec as rendered for a fresh database."""
+    database = f"helm_{os.getpid()}_{time.monotonic_ns()}"
+    url = run_async(postgres_server.create_database(database))
+    values = {
+        "database": {"url": url},
+        "containerPorts": {"grpc": free_port(), "metrics": free_port()},
+    }
+    objects = helm.render(values)
+    master = container(objects)
+    assert master["command"] == ["platform"]
+    config = str(config_file(objects, tmp_path))
+    # Same arguments, but the file is where the test wrote it and the master listens on
+    # loopback only.
+    args = [
+        config if arg == "/etc/platform/platform.toml" else arg.replace("0.0.0.0:", "127.0.0.1:")
+        for arg in master["args"]
+    ]
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(tmp_path),
+        **container_env(objects),
+    }
+    return [str(VENV_BIN / "platform"), *args], env, objects
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` on its own loop in a worker thread, away from the tests' session loop."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+def _health(address: str) -> int:
+    async def check() -> int:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+            return int(reply.status)
+
+    return run_async(check())
+
+
+@pytest.mark.postgres
+@pytest.mark.process
+def test_rendered_command_serves_and_stops_in_time(
+    rendered_master: tuple[list[str], dict[str, str], dict[str, Obj]], tmp_path: Path
+) -> None:
+    command, env, objects = rendered_master
+    master = container(objects)
+    grpc_port = master["startupProbe"]["grpc"]["port"]
+    metrics_port = next(p["containerPort"] for p in master["ports"] if p["name"] == "metrics")
+    log = tmp_path / "master.log"
+    with log.open("wb") as stderr:
+        proc = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=stderr, stderr=stderr)
+    try:
+        # What the kubelet's startup probe does: grpc.health.v1.Health/Check, service "".
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, f"master exited:\n{log.read_text()}"
+            try:
+                if _health(f"127.0.0.1:{grpc_port}") == health_pb2.HealthCheckResponse.SERVING:
+                    break
+            except grpc.aio.AioRpcError:
+                pass
+            assert time.monotonic() < deadline, f"never SERVING:\n{log.read_text()}"
+            time.sleep(0.1)
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+            assert b"platform_grpc_requests_total" in r.read()
+
+        # After the preStop sleep the kubelet sends SIGTERM and waits for the rest of the
+        # grace period.
+        budget = (
+            pod_spec(objects)["terminationGracePeriodSeconds"]
+            - master["lifecycle"]["preStop"]["sleep"]["seconds"]
+        )
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=budget) == 0, log.read_text()
+        assert time.monotonic() - started < budget
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
