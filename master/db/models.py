@@ -11,10 +11,12 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import JSON, BigInteger, DateTime, Index, LargeBinary, SmallInteger, String
-from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-JsonType = JSON().with_variant(JSONB(), "postgresql")
+# Plain `json` on PostgreSQL, not `jsonb`: json keeps the text as written, so a
+# float stays a float (jsonb would hand 1e20 back as an integer) and values
+# round-trip exactly as the API received them.
+JsonType = JSON()
 
 
 class Base(DeclarativeBase):

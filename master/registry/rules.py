@@ -134,8 +134,9 @@ _DOMAIN = rf"{_HOST_LABEL}(?:\.{_HOST_LABEL})*(?::[0-9]+)?"
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _IMAGE_RE = re.compile(
     rf"(?P<name>(?:{_DOMAIN}/)?{_COMPONENT}(?:/{_COMPONENT})*)"
-    r"(?::(?P<tag>[\w][\w.-]{0,127}))?"
-    r"(?:@(?P<digest>[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]{32,}))?"
+    r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?"
+    r"(?:@(?P<digest>[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]{32,}))?",
+    re.ASCII,
 )
 _SHA256_RE = re.compile(r"sha256:[a-f0-9]{64}")
 _PATH_PREFIX_RE = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@/-]*")
@@ -223,7 +224,7 @@ def _text(
         return [FieldViolation(name, "is required")]
     if len(value) > limit:
         return [FieldViolation(name, f"must be at most {limit} characters; got {len(value)}")]
-    allowed = {"\n", "\t"} if multiline else set()
+    allowed = {"\n", "\r", "\t"} if multiline else set()
     for ch in value:
         if unicodedata.category(ch) == "Cc" and ch not in allowed:
             return [FieldViolation(name, f"must not contain control characters; got {ch!r}")]
@@ -353,9 +354,9 @@ def _prefix_problem(prefix: str, *, allow_root: bool) -> str | None:
 
 def _resources(res: ResourceSpec, name: str) -> list[FieldViolation]:
     out = []
-    out += _quantity(name + ".cpu", res.cpu, upper=256, allow_milli=True)
-    out += _quantity(name + ".memory", res.memory, upper=4 * 2**40, allow_milli=False)
-    out += _quantity(name + ".storage", res.storage, upper=64 * 2**40, allow_milli=False)
+    out += _quantity(name + ".cpu", res.cpu, ("1m", "256"), allow_milli=True)
+    out += _quantity(name + ".memory", res.memory, ("16Mi", "4Ti"), allow_milli=False)
+    out += _quantity(name + ".storage", res.storage, ("1Mi", "64Ti"), allow_milli=False)
     out += _bounded(name + ".gpu", res.gpu, GPU_MAX)
     return out
 
@@ -368,15 +369,18 @@ def parse_quantity(text: str) -> float | None:
     return float(match.group("num")) * _UNIT[match.group("unit")]
 
 
-def _quantity(name: str, text: str, *, upper: float, allow_milli: bool) -> list[FieldViolation]:
+def _quantity(
+    name: str, text: str, bounds: tuple[str, str], *, allow_milli: bool
+) -> list[FieldViolation]:
     if not text:
         return []
     value = parse_quantity(text)
     if value is None or (text.endswith("m") and not allow_milli):
         kind = "like '500m' or '2'" if allow_milli else "like '512Mi' or '4Gi'"
         return [FieldViolation(name, f"must be a Kubernetes quantity {kind}; got {text!r}")]
-    if not 0 < value <= upper:
-        return [FieldViolation(name, f"must be positive and at most {upper:g}; got {text!r}")]
+    lower, upper = (parse_quantity(b) or 0.0 for b in bounds)
+    if not lower <= value <= upper:
+        return [FieldViolation(name, f"must be between {bounds[0]} and {bounds[1]}; got {text!r}")]
     return []
 
 
@@ -419,6 +423,8 @@ def _metadata(metadata: Mapping[str, Scalar], policy: Policy, name: str) -> list
             out.append(FieldViolation(item, f"key is not in the metadata allowlist ({allowed})"))
         elif isinstance(value, str) and len(value) > METADATA_VALUE_MAX:
             out.append(FieldViolation(item, f"must be at most {METADATA_VALUE_MAX} characters"))
+        elif isinstance(value, str) and any(unicodedata.category(ch) == "Cc" for ch in value):
+            out.append(FieldViolation(item, "must not contain control characters"))
         elif isinstance(value, float) and not math.isfinite(value):
             out.append(FieldViolation(item, f"must be finite; got {value!r}"))
     return out

@@ -13,7 +13,7 @@ import grpc
 
 from master.registry import convert
 from master.registry.feed import FeedClosed, RegistryFeed
-from master.registry.rules import Status
+from master.registry.rules import Status, slug_violation
 from master.registry.store import RegistryStore
 from platform_common import metrics
 from platform_common.refusals import FieldViolation, Refusal, invalid, invalid_field
@@ -267,8 +267,9 @@ def _decode_page_token(token: str) -> str:
         return ""
     try:
         text = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-    except (binascii.Error, UnicodeDecodeError):
+    except (binascii.Error, ValueError):  # ValueError covers non-ASCII and bad UTF-8
         text = ""
-    if not text.startswith("v1:"):
+    after = text[3:]
+    if not text.startswith("v1:") or slug_violation(after) is not None:
         raise invalid([FieldViolation("page_token", "is not a token returned by ListChallenges")])
-    return text[3:]
+    return after

@@ -12,14 +12,14 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
-from sqlalchemy.dialects import postgresql
 
 revision: str = "0001_registry"
 down_revision: str | None = None
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-_json = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+# json, not jsonb: it keeps numbers as written (see master.db.models).
+_json = sa.JSON()
 
 
 def upgrade() -> None:
