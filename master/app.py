@@ -27,7 +27,7 @@ from master.registry.rules import Policy
 from master.registry.service import RegistryService
 from master.registry.store import RegistryStore
 from platform_common import metrics, rpc
-from platform_common.config import parse_host_port
+from platform_common.config import join_host_port, parse_host_port
 from platform_network.v1 import (
     broker_pb2,
     broker_pb2_grpc,
@@ -118,7 +118,7 @@ class Master:
             self._metrics = metrics.MetricsServer(m_host, m_port)
         self._compactor = asyncio.create_task(self._compact_forever(store), name="compactor")
 
-        address = f"{host}:{self.port}"
+        address = join_host_port(host, self.port)
         log.info(
             "master serving",
             extra={

@@ -198,6 +198,11 @@ def _show(value: Any) -> str:
     return str(value)
 
 
+def join_host_port(host: str, port: int) -> str:
+    """``HOST:PORT``, bracketing IPv6 literals (``[::1]:50051``)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def parse_host_port(value: str, what: str) -> tuple[str, int]:
     """Split ``HOST:PORT`` (``[v6]:PORT`` too); port 0 means pick a free one."""
     host, sep, port_text = value.rpartition(":")

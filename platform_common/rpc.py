@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from platform_common import metrics, tokens
+from platform_common.config import join_host_port
 from platform_common.health import SERVING, Health
 from platform_common.refusals import Refusal
 from platform_common.status import to_grpc_status
@@ -307,9 +308,10 @@ class Server:
         reflection.enable_server_reflection(
             [*self._service_names, reflection.SERVICE_NAME], self._server
         )
-        self.port = self._server.add_insecure_port(f"{host}:{port}")
+        address = join_host_port(host, port)
+        self.port = self._server.add_insecure_port(address)
         if self.port == 0:
-            raise OSError(f"cannot listen on {host}:{port}")
+            raise OSError(f"cannot listen on {address}")
         await self._server.start()
         for name in ["", *self._healthy]:
             self.health.set(name, SERVING)

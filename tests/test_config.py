@@ -64,6 +64,25 @@ def test_bad_config_files_are_refused_naming_the_setting(
         cfg.load(MasterConfig, parse("--config", str(file)), {})
 
 
+@pytest.mark.parametrize(
+    ("text", "host", "port"),
+    [
+        ("127.0.0.1:50051", "127.0.0.1", 50051),
+        ("[::1]:0", "::1", 0),
+        ("0.0.0.0:9464", "0.0.0.0", 9464),
+    ],
+)
+def test_host_port_round_trip(text: str, host: str, port: int) -> None:
+    assert cfg.parse_host_port(text, "--listen") == (host, port)
+    assert cfg.join_host_port(host, port) == text
+
+
+@pytest.mark.parametrize("text", ["50051", ":50051", "host:", "host:65536", "host:-1", "host:x"])
+def test_bad_host_port_is_refused(text: str) -> None:
+    with pytest.raises(cfg.ConfigError, match="--listen: expected HOST:PORT"):
+        cfg.parse_host_port(text, "--listen")
+
+
 def test_missing_config_file_is_named() -> None:
     with pytest.raises(cfg.ConfigError, match="does not exist"):
         cfg.load(MasterConfig, parse("--config", "/nonexistent/p.toml"), {})
