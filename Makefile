@@ -90,9 +90,10 @@ postgres-bin:
 dev: $(STAMP)
 	$(BIN)/platform dev
 
-bench: $(STAMP)
-	$(PY) bench/registry_fanout.py
-	$(PY) bench/admin_writes.py
+bench: $(STAMP) postgres-bin
+	$(PY) -m bench.registry_fanout
+	$(PY) -m bench.registry_fanout --postgres
+	$(PY) -m bench.admin_writes
 
 # Re-pin every dependency (transitive too) from pyproject.toml into requirements.lock.
 lock:
