@@ -86,7 +86,17 @@ class Master:
             rpc.method_policies(SERVICES),
             {rpc.AuthPolicy.AUTH_POLICY_ADMIN: self._admin},
         )
-        server = rpc.Server(interceptors=[guard], max_concurrent_rpcs=config.max_concurrent_rpcs)
+        server = rpc.Server(
+            interceptors=[guard],
+            max_concurrent_rpcs=config.max_concurrent_rpcs,
+            # gRPC core queues calls the event loop has not picked up yet and, past
+            # 1,000 by default, cancels new ones: every validator reconnecting at
+            # once after a restart would see CANCELLED. Queue as many as we serve.
+            options=(
+                ("grpc.server.max_pending_requests", config.max_concurrent_rpcs),
+                ("grpc.server.max_pending_requests_hard_limit", config.max_concurrent_rpcs),
+            ),
+        )
         registry = RegistryService(store, self._feed, bookmark_interval=config.bookmark_interval)
         server.add_service(
             SERVICES[0], lambda s: registry_pb2_grpc.add_RegistryServicer_to_server(registry, s)
