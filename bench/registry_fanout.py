@@ -487,9 +487,9 @@ def drive(
     if opened < args.streams:
         fail(
             f"{args.streams - opened} streams failed to open, e.g. {open_errors[:3]}; "
-            "a burst of more than about 1,000 new calls overflows gRPC's queue of calls the "
-            "server has not picked up yet (grpc.server.max_pending_requests), which cancels "
-            "some at random: see --open-batch"
+            "CANCELLED on open means the burst of new calls overflowed gRPC's queue of calls "
+            "the server had not picked up yet (grpc.server.max_pending_requests on the "
+            "master); --open-batch opens the streams in waves"
         )
         return 1
 
