@@ -10,7 +10,6 @@ import os
 import platform
 import shlex
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -55,38 +54,6 @@ def hard_timeout(seconds: float) -> Iterator[None]:
 # -- databases and the master ---------------------------------------------------------
 
 
-class DurablePostgres(PostgresServer):
-    """The throwaway server with PostgreSQL's durable defaults (fsync on every commit)
-    instead of the test suite's fsync=off / synchronous_commit=off."""
-
-    def start(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            self._cmd(
-                "initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8"
-            ),
-            check=True,
-            capture_output=True,
-        )
-        options = f"-p {self.port} -h 127.0.0.1 -k {self.root} -c max_connections=300"
-        subprocess.run(
-            self._cmd(
-                "pg_ctl",
-                "-D",
-                str(self.data),
-                "-o",
-                options,
-                "-l",
-                str(self.root / "log"),
-                "-w",
-                "start",
-            ),
-            check=True,
-            capture_output=True,
-        )
-        self._started = True
-
-
 @dataclass(frozen=True)
 class Database:
     url: str
@@ -103,7 +70,7 @@ def database(backend: str, workdir: Path, *, durable: bool = False) -> Iterator[
         return
     if backend != "postgresql":
         raise ValueError(f"unknown backend {backend!r}")
-    server = (DurablePostgres if durable else PostgresServer)(workdir / "pg")
+    server = PostgresServer(workdir / "pg", durable=durable)
     try:
         server.start()
         url = asyncio.run(server.create_database("platform_bench"))

@@ -43,8 +43,11 @@ def free_port() -> int:
 
 
 class PostgresServer:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, durable: bool = False) -> None:
+        """``durable=False`` (tests) turns fsync and synchronous commits off for speed;
+        ``durable=True`` keeps PostgreSQL's defaults, as a production server runs."""
         self.root = root
+        self.durable = durable
         self.data = root / "data"
         self.port = free_port()
         self.bin = find_bin_dir()
@@ -58,26 +61,14 @@ class PostgresServer:
 
     def start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
+        initdb = ["initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8"]
+        fast = not self.durable
         subprocess.run(
-            self._cmd(
-                "initdb",
-                "-D",
-                str(self.data),
-                "-U",
-                "postgres",
-                "-A",
-                "trust",
-                "-E",
-                "UTF8",
-                "--no-sync",
-            ),
-            check=True,
-            capture_output=True,
+            self._cmd(*initdb, *(["--no-sync"] if fast else [])), check=True, capture_output=True
         )
-        options = (
-            f"-p {self.port} -h 127.0.0.1 -k {self.root} -c fsync=off -c synchronous_commit=off "
-            "-c full_page_writes=off -c max_connections=300"
-        )
+        options = f"-p {self.port} -h 127.0.0.1 -k {self.root} -c max_connections=300"
+        if fast:
+            options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         subprocess.run(
             self._cmd(
                 "pg_ctl",
