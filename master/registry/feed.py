@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from master.registry import convert
-from master.registry.rules import Challenge, Status
+from master.registry.rules import Challenge
 from master.registry.store import EVENT_DELETE, Head, RegistryStore, StoredEvent
 from platform_common import metrics
 from platform_network.v1 import common_pb2, registry_pb2
@@ -58,7 +58,6 @@ class RegistryFeed:
         self.server_epoch = secrets.token_hex(8)
         self.history_id = ""
         self.revision = 0
-        self.compacted_revision = 0
         self._view: dict[str, Challenge] = {}
         # _log[i] holds the response for revision _log_first + i.
         self._log: list[registry_pb2.WatchRegistryResponse] = []
@@ -85,10 +84,6 @@ class RegistryFeed:
                 await self._task
         self._signal()
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     def wake(self) -> None:
         """Tail now instead of at the next poll."""
         self._wake.set()
@@ -102,9 +97,6 @@ class RegistryFeed:
 
     def snapshot(self) -> Snapshot:
         return Snapshot(self.revision, tuple(self._view[slug] for slug in sorted(self._view)))
-
-    def active(self) -> list[Challenge]:
-        return [c for c in self.snapshot().challenges if c.status is Status.ACTIVE]
 
     def cursor(self, revision: int) -> common_pb2.WatchCursor:
         return common_pb2.WatchCursor(
@@ -200,7 +192,6 @@ class RegistryFeed:
                 self._reset(fresh_head, challenges)
                 self._signal()
                 return
-            self.compacted_revision = head.compacted_revision
             if not events:
                 return
             self._apply(events)
@@ -243,7 +234,6 @@ class RegistryFeed:
     def _reset(self, head: Head, challenges: Sequence[Challenge]) -> None:
         self.history_id = head.history_id
         self.revision = head.revision
-        self.compacted_revision = head.compacted_revision
         self._view = {c.slug: c for c in challenges}
         self._log = []
         self._log_first = head.revision + 1

@@ -35,7 +35,6 @@ RATE_LIMIT_MAX = 1_000_000
 BODY_LIMIT_MAX = 1 << 30
 TIMEOUT_MAX_SECONDS = 3600
 GPU_MAX = 16
-BUILTIN_BLOCKED_PREFIXES = ("/internal", "/health", "/version")
 DEFAULT_METADATA_KEYS = frozenset(
     {"homepage", "repository", "documentation", "contact", "category", "version", "logo"}
 )

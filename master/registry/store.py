@@ -120,9 +120,6 @@ class RegistryStore:
         clients can retry safely.
         """
         rules.check_status_reason(reason)
-        current = await self.get(slug)
-        if current.status is status and expected_revision in (0, current.revision):
-            return current, False
         try:
             async with self._write() as (conn, revision, now):
                 current = await self._require(conn, slug)
@@ -222,10 +219,6 @@ class RegistryStore:
             head = await _read_head(conn)
             rows = (await conn.execute(select(ChallengeRow).order_by(ChallengeRow.slug))).all()
         return head, [_from_row(row) for row in rows]
-
-    async def head(self) -> Head:
-        async with self._engine.connect() as conn:
-            return await _read_head(conn)
 
     async def events_after(
         self, revision: int, limit: int = 1000
@@ -403,7 +396,3 @@ def _from_row(row: Any) -> Challenge:
 
 def _utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-def active_sum(challenges: Sequence[Challenge]) -> int:
-    return sum(c.spec.share_ppb for c in challenges if c.status is Status.ACTIVE)
