@@ -6,7 +6,7 @@ import asyncio
 import base64
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import pytest
@@ -16,6 +16,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from master.db.engine import create_engine
+from master.registry.convert import scalar_to_proto
 from master.registry.rules import Policy
 from master.registry.store import RegistryStore
 from platform_network.v1 import common_pb2, registry_pb2, registry_pb2_grpc
@@ -84,29 +85,37 @@ async def public(
         await asyncio.sleep(0.05)
 
 
-def bad_request_fields(error: grpc.aio.AioRpcError) -> list[str]:
-    """Fields named by the google.rpc.BadRequest detail of ``error``."""
+DetailT = TypeVar("DetailT", error_details_pb2.BadRequest, error_details_pb2.PreconditionFailure)
+
+
+def details_of(error: grpc.aio.AioRpcError, kind: type[DetailT]) -> list[DetailT]:
+    """The google.rpc details of type ``kind`` carried by ``error``."""
     status = rpc_status.from_call(error)
     assert status is not None, "no google.rpc.Status in the trailers"
-    fields: list[str] = []
+    found = []
     for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            info = error_details_pb2.BadRequest()
+        if detail.Is(kind.DESCRIPTOR):
+            info = kind()
             detail.Unpack(info)
-            fields += [v.field for v in info.field_violations]
-    return fields
+            found.append(info)
+    return found
+
+
+def bad_request_fields(error: grpc.aio.AioRpcError) -> list[str]:
+    """Fields named by the google.rpc.BadRequest details of ``error``."""
+    return [
+        v.field
+        for info in details_of(error, error_details_pb2.BadRequest)
+        for v in info.field_violations
+    ]
 
 
 def precondition_types(error: grpc.aio.AioRpcError) -> list[str]:
-    status = rpc_status.from_call(error)
-    assert status is not None, "no google.rpc.Status in the trailers"
-    types: list[str] = []
-    for detail in status.details:
-        if detail.Is(error_details_pb2.PreconditionFailure.DESCRIPTOR):
-            info = error_details_pb2.PreconditionFailure()
-            detail.Unpack(info)
-            types += [v.type for v in info.violations]
-    return types
+    return [
+        v.type
+        for info in details_of(error, error_details_pb2.PreconditionFailure)
+        for v in info.violations
+    ]
 
 
 async def invalid(call: Awaitable[Any], field: str) -> grpc.aio.AioRpcError:
@@ -125,14 +134,7 @@ async def token_matches(database_url: str, slug: str, token: str) -> bool:
         await engine.dispose()
 
 
-def scalar(value: str | int | float | bool) -> common_pb2.ScalarValue:
-    if isinstance(value, bool):
-        return common_pb2.ScalarValue(bool_value=value)
-    if isinstance(value, int):
-        return common_pb2.ScalarValue(int_value=value)
-    if isinstance(value, float):
-        return common_pb2.ScalarValue(double_value=value)
-    return common_pb2.ScalarValue(string_value=value)
+scalar = scalar_to_proto
 
 
 def full_spec(slug: str, share: float = 0.2) -> registry_pb2.ChallengeSpec:
