@@ -109,3 +109,19 @@ def test_admin_token_sources(tmp_path: Path) -> None:
     (tmp_path / "empty").write_text("\n")
     with pytest.raises(cfg.ConfigError, match="is empty"):
         MasterConfig(admin_token_file=str(tmp_path / "empty")).admin_token_value()
+
+
+def test_the_operators_guide_sample_config_loads_and_checks(tmp_path: Path) -> None:
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "operators.md").read_text()
+    [sample] = re.findall(r"```toml\n(.*?)```", guide, re.S)
+    file = tmp_path / "master.toml"
+    file.write_text(sample)
+    loaded = cfg.load(MasterConfig, parse("--config", str(file)), {})
+    loaded.check()
+    assert loaded.production is True
+    assert loaded.image_allowlist == ("ghcr.io/example-org", "registry.example.org/challenges")
+    # The documented precedence: env beats the file, a flag beats both.
+    env = {"PLATFORM_LOG_LEVEL": "debug", "PLATFORM_LOG_FORMAT": "text"}
+    assert cfg.load(MasterConfig, parse("--config", str(file)), env).log_level == "debug"
+    flagged = cfg.load(MasterConfig, parse("--config", str(file), "--log-format", "json"), env)
+    assert flagged.log_format == "json"

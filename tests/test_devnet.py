@@ -14,6 +14,8 @@ import pytest
 
 from tests.support.master import VENV_BIN
 
+ROOT = Path(__file__).resolve().parent.parent
+
 pytestmark = pytest.mark.process
 
 
@@ -82,6 +84,27 @@ def test_dev_prints_commands_that_work_and_stops_everything(tmp_path: Path) -> N
         assert '"token": "pct_' in result.stdout
         # The live view shows the change the printed command made.
         _read_until(proc, r"revision 1: demo now DRAFT, share 0\.5", seen)
+        # The README's commands after `make dev` work too (its fixed port, state
+        # folder and venv path mapped onto this run's).
+        readme = (ROOT / "README.md").read_text()
+        [block] = [b for b in re.findall(r"```sh\n(.*?)```", readme, re.S) if "grpcurl" in b]
+        script = (
+            block.replace("127.0.0.1:50051", address.group(1))
+            .replace(".dev/", f"{tmp_path / 'state'}/")
+            .replace(".venv/bin/", f"{VENV_BIN}/")
+        )
+        result = subprocess.run(
+            ["bash", "-c", "set -e\n" + script],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        assert "platform_network.v1.Registry" in result.stdout
+        assert '"slug": "demo"' in result.stdout
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=30)
