@@ -94,6 +94,10 @@ bench: $(STAMP) postgres-bin
 	$(PY) -m bench.registry_fanout
 	$(PY) -m bench.registry_fanout --postgres
 	$(PY) -m bench.admin_writes
+	$(PY) -m bench.weights_allocate
+	$(PY) -m bench.epoch --direct
+	$(PY) -m bench.epoch
+	$(PY) -m bench.latest_weights
 
 # Re-pin every dependency (transitive too) from pyproject.toml into requirements.lock.
 lock:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import signal
 from pathlib import Path
 
@@ -26,18 +27,29 @@ from master.registry.feed import RegistryFeed
 from master.registry.rules import Policy
 from master.registry.service import RegistryService
 from master.registry.store import RegistryStore
-from platform_common import metrics, rpc
-from platform_common.config import join_host_port, parse_host_port
+from master.registry.tokens import TokenIssuer
+from master.weights import service as weights_service
+from master.weights.collector import Collector
+from master.weights.endpoints import NoShims, ShimDirectory, ShimEndpointsFile
+from master.weights.epochs import EpochEngine, EpochSettings
+from master.weights.feed import WeightsFeed
+from master.weights.store import WeightsStore
+from platform_common import metrics, rpc, tokens
+from platform_common import weights as weight_math
+from platform_common.chain import Chain, open_chain
+from platform_common.config import ConfigError, join_host_port, parse_host_port
+from platform_common.keys import Signer, load_signer, load_signer_file
 from platform_network.v1 import (
     broker_pb2,
     broker_pb2_grpc,
     registry_pb2,
     registry_pb2_grpc,
     weights_pb2,
-    weights_pb2_grpc,
 )
 
 log = logging.getLogger(__name__)
+
+CHALLENGE_HEADER = "x-platform-challenge"
 
 SERVICES = (
     registry_pb2.DESCRIPTOR.services_by_name["Registry"],
@@ -60,6 +72,23 @@ class Master:
         self._feed: RegistryFeed | None = None
         self._metrics: metrics.MetricsServer | None = None
         self._compactor: asyncio.Task[None] | None = None
+        self._epoch_task: asyncio.Task[None] | None = None
+        self._chain: Chain | None = None
+        self._collector: Collector | None = None
+        self._weights_feed: WeightsFeed | None = None
+        self._token_key = config.token_key()
+        self._signer: Signer | None = None
+        if config.chain:
+            try:
+                self._signer = (
+                    load_signer_file(Path(config.hotkey_file))
+                    if config.hotkey_file
+                    else load_signer(config.hotkey.strip())
+                )
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"the master's hotkey: {exc}") from exc
+        #: The epochs engine; None when no chain is configured.
+        self.epochs: EpochEngine | None = None
         self.port = 0
 
     async def start(self) -> None:
@@ -78,42 +107,19 @@ class Master:
             image_allowlist=config.image_allowlist,
             metadata_keys=frozenset(config.metadata_keys),
         )
-        store = RegistryStore(self._engine, policy)
+        if self._token_key is None:
+            log.warning(
+                "no --token-key-file: challenge tokens issued now stop working when this "
+                "process exits (fine for a demo, not for a deployment)"
+            )
+        issuer = TokenIssuer(self._token_key or secrets.token_bytes(32))
+        store = RegistryStore(self._engine, policy, issuer)
         self._feed = RegistryFeed(store, poll_interval=config.feed_poll_interval)
         await self._feed.start()
-
-        guard = rpc.CallGuard(
-            rpc.method_policies(SERVICES),
-            {rpc.AuthPolicy.AUTH_POLICY_ADMIN: self._admin},
-        )
-        server = rpc.Server(
-            interceptors=[guard],
-            max_concurrent_rpcs=config.max_concurrent_rpcs,
-            # gRPC core queues calls the event loop has not picked up yet and, past
-            # 1,000 by default, cancels new ones: every validator reconnecting at
-            # once after a restart would see CANCELLED. Queue as many as we serve.
-            options=(
-                ("grpc.server.max_pending_requests", config.max_concurrent_rpcs),
-                ("grpc.server.max_pending_requests_hard_limit", config.max_concurrent_rpcs),
-            ),
-        )
-        registry = RegistryService(store, self._feed, bookmark_interval=config.bookmark_interval)
-        server.add_service(
-            SERVICES[0], lambda s: registry_pb2_grpc.add_RegistryServicer_to_server(registry, s)
-        )
-        weights = rpc.not_served_yet(weights_pb2_grpc.WeightsServicer, SERVICES[1])
-        server.add_service(
-            SERVICES[1],
-            lambda s: weights_pb2_grpc.add_WeightsServicer_to_server(weights, s),
-            served=False,
-        )
-        broker = rpc.not_served_yet(broker_pb2_grpc.BrokerServicer, SERVICES[2])
-        server.add_service(
-            SERVICES[2],
-            lambda s: broker_pb2_grpc.add_BrokerServicer_to_server(broker, s),
-            served=False,
-        )
-        server.on_shutdown(self._feed.close)
+        weights_store = WeightsStore(self._engine)
+        self._weights_feed = WeightsFeed(weights_store)
+        await self._weights_feed.load()
+        server = self._build_server(store, weights_store)
         host, port = parse_host_port(config.listen, "--listen")
         try:
             self.port = await server.start(host, port)
@@ -126,7 +132,11 @@ class Master:
         if config.metrics_listen:
             m_host, m_port = parse_host_port(config.metrics_listen, "--metrics-listen")
             self._metrics = metrics.MetricsServer(m_host, m_port)
-        self._compactor = asyncio.create_task(self._compact_forever(store), name="compactor")
+        self._compactor = asyncio.create_task(
+            self._compact_forever(store, weights_store), name="compactor"
+        )
+        if config.chain:
+            await self._start_epochs(store, weights_store)
 
         address = join_host_port(host, self.port)
         log.info(
@@ -143,25 +153,130 @@ class Master:
         if config.ready_file:
             _write_atomically(Path(config.ready_file), address)
 
+    def _build_server(self, store: RegistryStore, weights_store: WeightsStore) -> rpc.Server:
+        config = self.config
+        assert self._feed is not None
+        assert self._weights_feed is not None
+        guard = rpc.CallGuard(
+            rpc.method_policies(SERVICES),
+            {
+                rpc.AuthPolicy.AUTH_POLICY_ADMIN: self._admin,
+                rpc.AuthPolicy.AUTH_POLICY_CHALLENGE: ChallengeTokens(store),
+            },
+        )
+        server = rpc.Server(
+            interceptors=[guard],
+            max_concurrent_rpcs=config.max_concurrent_rpcs,
+            # gRPC core queues calls the event loop has not picked up yet and, past
+            # 1,000 by default, cancels new ones: every validator reconnecting at
+            # once after a restart would see CANCELLED. Queue as many as we serve.
+            options=(
+                ("grpc.server.max_pending_requests", config.max_concurrent_rpcs),
+                ("grpc.server.max_pending_requests_hard_limit", config.max_concurrent_rpcs),
+            ),
+        )
+        registry = RegistryService(store, self._feed, bookmark_interval=config.bookmark_interval)
+        server.add_service(
+            SERVICES[0], lambda s: registry_pb2_grpc.add_RegistryServicer_to_server(registry, s)
+        )
+        weights = weights_service.WeightsService(
+            weights_store,
+            self._weights_feed,
+            self._feed,
+            bookmark_interval=config.bookmark_interval,
+        )
+        server.add_service(SERVICES[1], lambda s: weights_service.add_to_server(weights, s))
+        broker = rpc.not_served_yet(broker_pb2_grpc.BrokerServicer, SERVICES[2])
+        server.add_service(
+            SERVICES[2],
+            lambda s: broker_pb2_grpc.add_BrokerServicer_to_server(broker, s),
+            served=False,
+        )
+        server.on_shutdown(self._feed.close)
+        weights_feed = self._weights_feed
+
+        async def close_weights_feed() -> None:
+            weights_feed.close()
+
+        server.on_shutdown(close_weights_feed)
+        return server
+
+    async def _start_epochs(self, store: RegistryStore, weights_store: WeightsStore) -> None:
+        config = self.config
+        assert self._feed is not None
+        assert self._weights_feed is not None
+        assert self._signer is not None
+        try:
+            self._chain = open_chain(config.chain, config.netuid)
+        except ValueError as exc:
+            raise StartupError(f"--chain: {exc}") from exc
+        shims: ShimDirectory = (
+            ShimEndpointsFile(Path(config.shim_endpoints_file))
+            if config.shim_endpoints_file
+            else NoShims()
+        )
+        self._collector = Collector(timeout=config.collect_timeout)
+        self.epochs = EpochEngine(
+            EpochSettings(
+                netuid=config.netuid,
+                mechanism_id=config.mechanism_id,
+                burn_uid=config.burn_uid,
+                policy=weight_math.Policy(config.share_policy),
+                schedule=config.epoch_schedule,
+                interval=config.epoch_interval,
+                lead_blocks=config.epoch_lead_blocks,
+                block_time=config.block_time,
+                vector_lifetime=config.vector_lifetime,
+            ),
+            registry=self._feed,
+            registry_store=store,
+            shims=shims,
+            collector=self._collector,
+            chain=self._chain,
+            signer=self._signer,
+            store=weights_store,
+            feed=self._weights_feed,
+        )
+        if config.epochs:
+            self._epoch_task = asyncio.create_task(self.epochs.run_forever(), name="epochs")
+        log.info(
+            "epochs enabled",
+            extra={
+                "chain": config.chain,
+                "netuid": config.netuid,
+                "schedule": config.epoch_schedule if config.epochs else "manual",
+                "master_hotkey": self._signer.ss58_address,
+                "policy": config.share_policy,
+            },
+        )
+
     async def stop(self) -> None:
         log.info("master shutting down", extra={"grace_seconds": self.config.shutdown_grace})
-        if self._compactor is not None:
-            self._compactor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._compactor
+        for task in (self._compactor, self._epoch_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._server is not None:
             await self._server.stop(self.config.shutdown_grace)
         if self._metrics is not None:
             self._metrics.stop()
+        if self._collector is not None:
+            await self._collector.close()
+        if self._chain is not None:
+            await self._chain.close()
         if self._engine is not None:
             await self._engine.dispose()
         log.info("master stopped")
 
-    async def _compact_forever(self, store: RegistryStore) -> None:
+    async def _compact_forever(self, store: RegistryStore, weights: WeightsStore) -> None:
         while True:
             try:
                 compacted = await store.compact(self.config.event_retention)
                 log.debug("registry events compacted", extra={"compacted_revision": compacted})
+                retention = self.config.epoch_retention
+                if retention and await weights.prune(retention) and self._weights_feed:
+                    self._weights_feed.pruned(await weights.oldest_epoch())
             except Exception:
                 log.exception("registry event compaction failed; will retry")
             await asyncio.sleep(self.config.compaction_interval)
@@ -190,6 +305,33 @@ async def serve(config: MasterConfig) -> None:
     finally:
         await master.stop()
     # A StartupError from start() propagates to the caller with nothing left running.
+
+
+class ChallengeTokens:
+    """AUTH_POLICY_CHALLENGE: a challenge's shim calling with its token.
+
+    The shim sends ``authorization: Bearer <challenge token>`` and
+    ``x-platform-challenge: <slug>``; the token is checked against the stored
+    digest of that challenge.
+    """
+
+    def __init__(self, store: RegistryStore) -> None:
+        self._store = store
+
+    async def __call__(self, method: str, metadata: rpc.Metadata) -> rpc.Caller:
+        presented = tokens.bearer(metadata)
+        slug = next((str(v) for k, v in metadata if k == CHALLENGE_HEADER), "")
+        if presented is None or not slug:
+            raise rpc.Unauthenticated(
+                "missing credentials: send 'authorization: Bearer <challenge token>' and "
+                f"'{CHALLENGE_HEADER}: <slug>'",
+                reason="missing",
+            )
+        if not await self._store.token_matches(slug, presented):
+            raise rpc.Unauthenticated(
+                f"invalid challenge token for {slug!r}", reason="invalid_token"
+            )
+        return rpc.Caller("challenge", slug)
 
 
 def _write_atomically(path: Path, text: str) -> None:

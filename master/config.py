@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from master.db.engine import DatabaseUrlError, check_url
 from master.registry.rules import DEFAULT_METADATA_KEYS
+from master.registry.tokens import read_key_file
 from platform_common import tokens
 from platform_common.config import ConfigError, parse_host_port, setting
 
@@ -83,6 +83,77 @@ class MasterConfig:
     max_concurrent_rpcs: int = setting(
         20_000, "calls (open streams included) served at once; more are refused", metavar="N"
     )
+    token_key_file: str = setting(
+        "",
+        "file holding the key challenge tokens are derived from (64 hex digits); without it "
+        "a random key is used and tokens issued by this process stop working at restart",
+        metavar="PATH",
+    )
+    chain: str = setting(
+        "",
+        "chain to read the metagraph from: local+file:PATH, local+http://HOST:PORT, finney, "
+        "test or ws(s)://...; empty disables epochs",
+        metavar="URL",
+    )
+    netuid: int = setting(1, "subnet the weights are for", metavar="NETUID")
+    mechanism_id: int = setting(0, "mechanism (sub-subnet) id the weights are for", metavar="ID")
+    hotkey_file: str = setting(
+        "",
+        "file holding the master's hotkey (secret URI, mnemonic or 0x seed) that signs vectors "
+        "(alternative to PLATFORM_HOTKEY)",
+        metavar="PATH",
+    )
+    hotkey: str = setting(
+        "",
+        "the master's hotkey secret (secret URI, mnemonic or 0x seed; never pass it as a flag)",
+        flag=False,
+    )
+    burn_uid: int = setting(
+        0, "UID paid the unallocated and burned shares (the subnet owner's)", metavar="UID"
+    )
+    share_policy: str = setting(
+        "burn",
+        "where the share of a FAILED or EMPTY challenge goes",
+        choices=("burn", "redistribute"),
+    )
+    epochs: bool = setting(True, "seal epochs on the schedule (off: only on demand, e.g. in tests)")
+    epoch_schedule: str = setting(
+        "tempo",
+        "when epochs are sealed: 'tempo' (each chain tempo, --epoch-lead-blocks before it "
+        "ends) or 'interval' (every --epoch-interval seconds, for dev)",
+        choices=("tempo", "interval"),
+    )
+    epoch_interval: float = setting(
+        60.0, "seconds between epochs with --epoch-schedule interval", metavar="SECONDS"
+    )
+    epoch_lead_blocks: int = setting(
+        20,
+        "with --epoch-schedule tempo: seal this many blocks before the tempo ends, leaving "
+        "validators time to submit",
+        metavar="BLOCKS",
+    )
+    block_time: float = setting(
+        12.0, "expected seconds per chain block (for sleeping between checks)", metavar="SECONDS"
+    )
+    collect_timeout: float = setting(
+        10.0,
+        "deadline of each challenge's health check + weights answer in an epoch",
+        metavar="SECONDS",
+    )
+    vector_lifetime: float = setting(
+        0.0,
+        "seconds a sealed vector may be submitted; 0 means two epoch periods",
+        metavar="SECONDS",
+    )
+    epoch_retention: int = setting(
+        0, "sealed epochs kept (older ones are pruned); 0 keeps all", metavar="EPOCHS"
+    )
+    shim_endpoints_file: str = setting(
+        "",
+        "JSON file mapping challenge slug -> shim address HOST:PORT, re-read when it changes "
+        "(static placement until a runtime places challenges)",
+        metavar="PATH",
+    )
     ready_file: str = setting(
         "",
         "once serving, write the gRPC address HOST:PORT to this file (useful with port 0)",
@@ -117,8 +188,21 @@ class MasterConfig:
             "(generate one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))')"
         )
 
+    def token_key(self) -> bytes | None:
+        """The challenge-token key from --token-key-file; None when not configured."""
+        if not self.token_key_file:
+            return None
+        try:
+            return read_key_file(Path(self.token_key_file).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--token-key-file: {exc}") from exc
+
     def check(self) -> None:
         """Refuse settings that cannot work together, with a message naming them."""
+        # Imported here: SQLAlchemy costs ~0.4 s, which every `platform` command
+        # would pay at start-up (the CLI builds all subcommands' flags).
+        from master.db.engine import DatabaseUrlError, check_url
+
         parse_host_port(self.listen, "--listen")
         if self.metrics_listen:
             parse_host_port(self.metrics_listen, "--metrics-listen")
@@ -138,6 +222,30 @@ class MasterConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be positive")
+        for name in ("epoch_interval", "block_time", "collect_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')}: must be positive")
+        if self.vector_lifetime < 0:
+            raise ConfigError("--vector-lifetime: must be 0 (automatic) or positive")
+        if self.epoch_retention < 0:
+            raise ConfigError("--epoch-retention: must be 0 (keep all) or positive")
+        if not 0 <= self.burn_uid <= 65535:
+            raise ConfigError(f"--burn-uid: must be 0..65535; got {self.burn_uid}")
+        if not 0 <= self.netuid <= 65535:
+            raise ConfigError(f"--netuid: must be 0..65535; got {self.netuid}")
+        if self.epoch_lead_blocks < 1:
+            raise ConfigError("--epoch-lead-blocks: must be at least 1")
+        if self.chain and not (self.hotkey or self.hotkey_file):
+            raise ConfigError(
+                "--chain is set but the master has no hotkey to sign vectors with: "
+                "set PLATFORM_HOTKEY or --hotkey-file"
+            )
+        if self.hotkey and self.hotkey_file:
+            raise ConfigError("set either PLATFORM_HOTKEY or --hotkey-file, not both")
+        if self.production and self.chain and not self.token_key_file:
+            raise ConfigError(
+                "--token-key-file: production mode needs a persistent challenge token key"
+            )
         if self.event_retention < 1:
             raise ConfigError("--event-retention: must be at least 1")
         if self.max_concurrent_rpcs < 1:

@@ -19,6 +19,8 @@ class Kind(enum.Enum):
     FAILED_PRECONDITION = "FAILED_PRECONDITION"
     ABORTED = "ABORTED"
     UNAVAILABLE = "UNAVAILABLE"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
 
 
 @dataclass(frozen=True)
@@ -73,3 +75,11 @@ def failed_precondition(kind: str, subject: str, message: str) -> Refusal:
 
 def aborted(message: str) -> Refusal:
     return Refusal(Kind.ABORTED, message)
+
+
+def permission_denied(message: str) -> Refusal:
+    return Refusal(Kind.PERMISSION_DENIED, message)
+
+
+def resource_exhausted(message: str) -> Refusal:
+    return Refusal(Kind.RESOURCE_EXHAUSTED, message)

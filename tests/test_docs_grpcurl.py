@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from platform_common.chain import LocalSubnet
 from platform_network.v1 import registry_pb2
 from tests.support.master import ADMIN_TOKEN, VENV_BIN, MasterProcess
 
@@ -29,7 +31,7 @@ REGISTRY_RPCS = tuple(m.name for m in registry_pb2.DESCRIPTOR.services_by_name["
 # A marker is a line of its own; the guide quotes it inline when explaining it.
 _EXPECT = re.compile(r"\s*<!--\s*expect:\s*([A-Za-z]+)\s*-->\s*")
 _CALL = re.compile(
-    r"(?:platform_network\.v1\.Registry|grpc\.health\.v1\.Health)/(?P<method>\w+)"
+    r"(?:platform_network\.v1\.(?:Registry|Weights)|grpc\.health\.v1\.Health)/(?P<method>\w+)"
     r"|\bdescribe\s+(?P<symbol>[\w.]+)"
     r"|\$ADDR\s+(?P<list>list)\b"
 )
@@ -64,7 +66,7 @@ class Block:
         assert matches, f"block at line {self.line} calls nothing grpcurl can be checked on"
         last = matches[-1]
         if last["method"]:
-            service = "Registry" if "Registry/" in last[0] else "Health"
+            service = last[0].split("/")[0].rsplit(".", 1)[-1]
             return f"{service}/{last['method']}"
         if last["symbol"]:
             return f"describe {last['symbol']}"
@@ -133,6 +135,12 @@ CHECKS: dict[tuple[str, str], Expect] = {
         stdout=('"token": "pct_', '"slug": "term-bench"')
     ),
     ("Registry/DeleteChallenge", OK): Expect(stdout=('"revision"',)),
+    ("Weights/GetLatestWeights", OK): Expect(
+        stdout=('"epoch": "1"', '"chain_weights"', '"signature"', '"master_hotkey"')
+    ),
+    ("Weights/GetEpoch", OK): Expect(stdout=('"vector"', '"metagraph_neurons": 8')),
+    ("Weights/GetEpoch", "NotFound"): Expect(stderr=("epoch 999",)),
+    ("Weights/ListSubmissions", OK): Expect(),
 }
 
 
@@ -182,7 +190,23 @@ def test_guide_blocks_follow_the_convention() -> None:
 @pytest.mark.process
 def test_every_grpcurl_example_of_the_guide_works(tmp_path: Path) -> None:
     blocks = guide_blocks(GUIDE.read_text())
-    master = MasterProcess(tmp_path / "master", f"sqlite+aiosqlite:///{tmp_path / 'registry.db'}")
+    chain = tmp_path / "chain.json"
+    LocalSubnet.create(chain, neurons=8, validators=2, manual_blocks=True)
+    key = tmp_path / "token.key"
+    key.write_text(secrets.token_hex(32))
+    master = MasterProcess(
+        tmp_path / "master",
+        f"sqlite+aiosqlite:///{tmp_path / 'registry.db'}",
+        "--chain",
+        f"local+file:{chain}",
+        "--epoch-schedule",
+        "interval",
+        "--epoch-interval",
+        "3600",
+        "--token-key-file",
+        str(key),
+        env={"PLATFORM_HOTKEY": "//platform-docs/master"},
+    )
     try:
         address = master.start()
         env = {

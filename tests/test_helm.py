@@ -68,6 +68,31 @@ NOT_FOR_KUBERNETES = {
     "admin_token_file": "the token comes from a Secret through PLATFORM_ADMIN_TOKEN",
     "ready_file": "readiness is the gRPC health probe",
 }
+# Epoch settings (chain, signing hotkey, challenge-token key, schedule, policy) are
+# not exposed by the chart yet: it deploys the registry master. Exposing them needs
+# Secrets for the hotkey and the token key; until then this test names them here so
+# that any further setting still fails it.
+NOT_IN_CHART_YET = frozenset(
+    {
+        "token_key_file",
+        "chain",
+        "netuid",
+        "mechanism_id",
+        "hotkey_file",
+        "hotkey",
+        "burn_uid",
+        "share_policy",
+        "epochs",
+        "epoch_schedule",
+        "epoch_interval",
+        "epoch_lead_blocks",
+        "block_time",
+        "collect_timeout",
+        "vector_lifetime",
+        "epoch_retention",
+        "shim_endpoints_file",
+    }
+)
 
 # One valid value for every key values.schema.json allows under `config`.
 EVERY_CONFIG_SETTING: dict[str, Any] = {
@@ -496,7 +521,7 @@ def test_every_master_setting_is_accounted_for(schema: Obj) -> None:
     fields = {f.name for f in dataclasses.fields(MasterConfig)}
     assert from_values <= fields, f"not master settings: {sorted(from_values - fields)}"
     assert not from_values & (SET_BY_CHART | set(NOT_FOR_KUBERNETES))
-    missing = fields - from_values - SET_BY_CHART - set(NOT_FOR_KUBERNETES)
+    missing = fields - from_values - SET_BY_CHART - set(NOT_FOR_KUBERNETES) - NOT_IN_CHART_YET
     assert not missing, f"master settings the chart does not handle: {sorted(missing)}"
     assert set(EVERY_CONFIG_SETTING) == from_values
 

@@ -10,7 +10,18 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Index, LargeBinary, SmallInteger, String
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    SmallInteger,
+    String,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # Plain `json` on PostgreSQL, not `jsonb`: json keeps the text as written, so a
@@ -51,6 +62,9 @@ class ChallengeRow(Base):
     # The client-settable fields (rules.spec_to_dict), the share included.
     spec: Mapped[dict[str, Any]] = mapped_column(JsonType, nullable=False)
     token_sha256: Mapped[bytes] = mapped_column(LargeBinary(32), nullable=False)
+    # Nonce the token was derived with (master.registry.tokens); NULL for tokens
+    # issued before derivation existed, which the master cannot present.
+    token_nonce: Mapped[bytes | None] = mapped_column(LargeBinary(16), nullable=True)
     token_issue_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     status_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     status_reason: Mapped[str] = mapped_column(String(512), nullable=False)
@@ -74,3 +88,49 @@ class RegistryEventRow(Base):
     # The challenge after the change (before it, for a delete), without the token.
     challenge: Mapped[dict[str, Any]] = mapped_column(JsonType, nullable=False)
     commit_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+
+class EpochRow(Base):
+    """One sealed epoch: summary columns for listing, the full record as protobuf.
+
+    ``vector`` is the signed ``WeightVector`` and ``body`` the ``Epoch`` (vector
+    included), both serialized deterministically when sealed and never
+    rewritten, so every read returns the bytes that were signed.
+    """
+
+    __tablename__ = "epochs"
+
+    epoch: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    epoch_id: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
+    create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    expire_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    registry_revision: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    metagraph_block: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    policy: Mapped[int] = mapped_column(SmallInteger, nullable=False)
+    challenges_ok: Mapped[int] = mapped_column(Integer, nullable=False)
+    challenges_failed: Mapped[int] = mapped_column(Integer, nullable=False)
+    challenges_empty: Mapped[int] = mapped_column(Integer, nullable=False)
+    burn_weight: Mapped[float] = mapped_column(Float, nullable=False)
+    weight_count: Mapped[int] = mapped_column(Integer, nullable=False)
+    vector: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    body: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+
+
+class SubmissionRow(Base):
+    """A validator's report about one epoch (Weights.ReportSubmission)."""
+
+    __tablename__ = "submissions"
+
+    validator_hotkey: Mapped[str] = mapped_column(String(64), primary_key=True)
+    report_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    epoch: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    outcome: Mapped[int] = mapped_column(SmallInteger, nullable=False)
+    receive_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    admin_reported: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    # The SubmissionReport as sent, serialized deterministically (retries compare it).
+    report: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+
+    __table_args__ = (
+        Index("ix_submissions_receive_time", "receive_time"),
+        Index("ix_submissions_epoch", "epoch", "validator_hotkey"),
+    )

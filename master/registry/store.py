@@ -28,12 +28,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from master.db.models import ChallengeRow, RegistryEventRow, RegistryState
 from master.registry import rules
 from master.registry.rules import Challenge, Policy, Spec, Status
+from master.registry.tokens import TokenIssuer
 from platform_common import tokens
 from platform_common.refusals import already_exists, failed_precondition, not_found
 
 EVENT_PUT = 1
 EVENT_DELETE = 2
-TOKEN_PREFIX = "pct"  # noqa: S105 - a label, not a secret
 
 
 @dataclass(frozen=True)
@@ -57,10 +57,15 @@ def utcnow() -> datetime:
 
 class RegistryStore:
     def __init__(
-        self, engine: AsyncEngine, policy: Policy, clock: Callable[[], datetime] = utcnow
+        self,
+        engine: AsyncEngine,
+        policy: Policy,
+        issuer: TokenIssuer,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self._engine = engine
         self._policy = policy
+        self._issuer = issuer
         self._clock = clock
         # Writers in this process queue here rather than on the database lock.
         self._write_lock = asyncio.Lock()
@@ -74,7 +79,7 @@ class RegistryStore:
     async def create(self, spec: Spec) -> tuple[Challenge, str]:
         """Register ``spec`` as a DRAFT challenge; return it and its clear token."""
         spec = rules.check_spec(spec, self._policy)
-        token = tokens.new_token(TOKEN_PREFIX)
+        token, nonce = self._issuer.issue(spec.slug)
         async with self._write() as (conn, revision, now):
             if await self._load(conn, spec.slug) is not None:
                 raise already_exists(f"challenge.slug: a challenge {spec.slug!r} already exists")
@@ -90,7 +95,9 @@ class RegistryStore:
             )
             await conn.execute(
                 insert(ChallengeRow).values(
-                    **_row_values(challenge), token_sha256=tokens.digest(token)
+                    **_row_values(challenge),
+                    token_sha256=tokens.digest(token),
+                    token_nonce=nonce,
                 )
             )
             await self._log(conn, EVENT_PUT, challenge, now)
@@ -161,14 +168,14 @@ class RegistryStore:
         return revision
 
     async def rotate_token(self, slug: str, expected_revision: int = 0) -> tuple[Challenge, str]:
-        token = tokens.new_token(TOKEN_PREFIX)
+        token, nonce = self._issuer.issue(slug)
         async with self._write() as (conn, revision, now):
             current = await self._require(conn, slug)
             rules.check_expected_revision(current, expected_revision)
             changed = dataclasses.replace(
                 current, token_issue_time=now, update_time=now, revision=revision
             )
-            await self._save(conn, changed, token_sha256=tokens.digest(token))
+            await self._save(conn, changed, token_sha256=tokens.digest(token), token_nonce=nonce)
             await self._log(conn, EVENT_PUT, changed, now)
         return changed, token
 
@@ -252,6 +259,21 @@ class RegistryStore:
                 )
             ).scalar_one_or_none()
         return digest is not None and tokens.matches(token, digest)
+
+    async def tokens_of(self, slugs: Sequence[str]) -> dict[str, str]:
+        """The clear tokens of ``slugs`` (re-derived; challenges whose token was
+        issued without a nonce, or that no longer exist, are left out)."""
+        if not slugs:
+            return {}
+        async with self._engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    select(ChallengeRow.slug, ChallengeRow.token_nonce).where(
+                        ChallengeRow.slug.in_(list(slugs))
+                    )
+                )
+            ).all()
+        return {slug: self._issuer.token(slug, nonce) for slug, nonce in rows if nonce}
 
     # -- helpers --------------------------------------------------------------
 

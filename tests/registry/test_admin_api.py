@@ -19,6 +19,7 @@ from master.db.engine import create_engine
 from master.registry.convert import scalar_to_proto
 from master.registry.rules import Policy
 from master.registry.store import RegistryStore
+from master.registry.tokens import TokenIssuer
 from platform_network.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 from tests.helpers import ACTIVE, DISABLED, DRAFT, INACTIVE, create, refused, set_status, spec
 from tests.support.master import ADMIN, RunningMaster
@@ -129,7 +130,9 @@ async def invalid(call: Awaitable[Any], field: str) -> grpc.aio.AioRpcError:
 async def token_matches(database_url: str, slug: str, token: str) -> bool:
     engine = create_engine(database_url)
     try:
-        return await RegistryStore(engine, Policy()).token_matches(slug, token)
+        return await RegistryStore(engine, Policy(), TokenIssuer(bytes(32))).token_matches(
+            slug, token
+        )
     finally:
         await engine.dispose()
 

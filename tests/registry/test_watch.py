@@ -10,6 +10,7 @@ import pytest
 from master.db.engine import create_engine
 from master.registry.rules import Policy
 from master.registry.store import RegistryStore
+from master.registry.tokens import TokenIssuer
 from platform_network.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 from tests.helpers import ACTIVE, INACTIVE, create, refused, set_status
 from tests.support.master import ADMIN, RunningMaster, start_master
@@ -149,7 +150,7 @@ async def test_compacted_revision_gets_a_resync_snapshot(
         await create(master.registry, slug)
     engine = create_engine(database_url)
     try:
-        assert await RegistryStore(engine, Policy()).compact(keep=1) == 3
+        assert await RegistryStore(engine, Policy(), TokenIssuer(bytes(32))).compact(keep=1) == 3
     finally:
         await engine.dispose()
     # This master still buffers the compacted events in memory and serves them.

@@ -1,0 +1,251 @@
+"""Collection of every ACTIVE challenge's raw scores, through its shim.
+
+Each challenge gets one budget (the collection deadline) for a health check
+and its weights answer. Everything that can go wrong with one challenge
+(unreachable, hung, crashing, lying, wrong token, unhealthy) ends as a
+:class:`Collected` with a failure and a reason; nothing raised by one
+challenge can delay or break the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+
+from platform_common import ss58
+from platform_network.v1 import challenge_pb2, challenge_pb2_grpc, weights_pb2
+
+log = logging.getLogger(__name__)
+
+Failure = weights_pb2.ChallengeFailure
+GET_WEIGHTS = "/platform_network.v1.ChallengeInternal/GetWeights"
+MAX_ENTRIES = 65_536
+# A little above the shim's own default limit (8 MiB), so the shim's refusal,
+# with its precise message, is what the master sees.
+MAX_RESPONSE_BYTES = 9 * 1024 * 1024
+MAX_REASON = 1024
+MAX_LABEL = 128
+
+_FAILURES = {
+    grpc.StatusCode.DEADLINE_EXCEEDED: Failure.CHALLENGE_FAILURE_TIMEOUT,
+    grpc.StatusCode.UNAVAILABLE: Failure.CHALLENGE_FAILURE_UNREACHABLE,
+    grpc.StatusCode.UNAUTHENTICATED: Failure.CHALLENGE_FAILURE_AUTH,
+    grpc.StatusCode.PERMISSION_DENIED: Failure.CHALLENGE_FAILURE_AUTH,
+    grpc.StatusCode.FAILED_PRECONDITION: Failure.CHALLENGE_FAILURE_INVALID_RESPONSE,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: Failure.CHALLENGE_FAILURE_INVALID_RESPONSE,
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    """One challenge to collect: where its shim listens and the token it expects."""
+
+    slug: str
+    address: str | None  # None: the challenge has no running instance
+    token: str | None  # None: the master cannot present its token
+
+
+@dataclass(frozen=True)
+class Collected:
+    slug: str
+    entries: tuple[tuple[str, float], ...] | None  # None when FAILED
+    failure: int  # ChallengeFailure; UNSPECIFIED when entries is not None
+    reason: str
+    size_bytes: int
+    scoring_version: str
+    latency: float
+
+
+class Collector:
+    """Calls shims; keeps one channel per shim address across epochs."""
+
+    def __init__(self, *, timeout: float) -> None:
+        self.timeout = timeout
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    async def close(self) -> None:
+        channels, self._channels = self._channels, {}
+        for channel in channels.values():
+            await channel.close(None)
+
+    async def collect(
+        self,
+        targets: Sequence[Target],
+        request: challenge_pb2.GetWeightsRequest,
+        known_hotkeys: Mapping[str, int],
+    ) -> list[Collected]:
+        """Collect every target concurrently; the result is in the targets' order.
+
+        Returns within the collection deadline (plus scheduling slack) whatever the
+        challenges do: every call carries a gRPC deadline and the whole gathering
+        is bounded by an asyncio timeout too.
+        """
+        self._forget_unused({t.address for t in targets if t.address})
+        if not targets:
+            return []
+        tasks = [asyncio.create_task(self._one(t, request, known_hotkeys)) for t in targets]
+        done, pending = await asyncio.wait(tasks, timeout=self.timeout + 1.0)
+        for task in pending:
+            task.cancel()
+        results = []
+        for target, task in zip(targets, tasks, strict=True):
+            if task in done and not task.cancelled() and task.exception() is None:
+                results.append(task.result())
+            else:
+                results.append(
+                    _failed(target.slug, Failure.CHALLENGE_FAILURE_TIMEOUT, self._late(), 0.0)
+                )
+        return results
+
+    def _late(self) -> str:
+        return f"no answer within {self.timeout:g}s"
+
+    async def _one(
+        self,
+        target: Target,
+        request: challenge_pb2.GetWeightsRequest,
+        known_hotkeys: Mapping[str, int],
+    ) -> Collected:
+        slug = target.slug
+        start = time.monotonic()
+        if target.address is None:
+            return _failed(
+                slug, Failure.CHALLENGE_FAILURE_INTERNAL, "no running instance to collect from", 0
+            )
+        if target.token is None:
+            return _failed(
+                slug,
+                Failure.CHALLENGE_FAILURE_AUTH,
+                "the master cannot present this challenge's token (issued before derived "
+                "tokens); rotate it with RotateChallengeToken",
+                0,
+            )
+        stub = challenge_pb2_grpc.ChallengeInternalStub(self._channel(target.address))
+        metadata = (("authorization", f"Bearer {target.token}"),)
+        deadline = start + self.timeout
+        try:
+            health = await stub.Health(
+                challenge_pb2.HealthRequest(), timeout=self.timeout, metadata=metadata
+            )
+            if health.status != challenge_pb2.HEALTH_STATUS_SERVING:
+                state = challenge_pb2.HealthStatus.Name(health.status)
+                detail = f": {health.message}" if health.message else ""
+                return _failed(
+                    slug,
+                    Failure.CHALLENGE_FAILURE_UNHEALTHY,
+                    f"health {state.removeprefix('HEALTH_STATUS_')}{detail}",
+                    time.monotonic() - start,
+                )
+            left = max(deadline - time.monotonic(), 0.001)
+            ask = challenge_pb2.GetWeightsRequest()
+            ask.CopyFrom(request)
+            ask.time_budget.CopyFrom(_duration(left))
+            # Raw bytes: the answer's size is recorded as received, then parsed once.
+            get_weights: grpc.aio.UnaryUnaryMultiCallable[
+                challenge_pb2.GetWeightsRequest, bytes
+            ] = self._channel(target.address).unary_unary(
+                GET_WEIGHTS,
+                request_serializer=challenge_pb2.GetWeightsRequest.SerializeToString,
+            )
+            raw: bytes = await get_weights(ask, timeout=left, metadata=metadata)
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            failure = _FAILURES.get(code, Failure.CHALLENGE_FAILURE_ERROR)
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                reason = self._late()
+            else:
+                reason = f"{code.name}: {exc.details() or ''}"
+            return _failed(slug, failure, reason, time.monotonic() - start)
+        latency = time.monotonic() - start
+        try:
+            answer = challenge_pb2.GetWeightsResponse.FromString(raw)
+        except Exception:  # a malformed message from a broken shim
+            return _failed(
+                slug, Failure.CHALLENGE_FAILURE_INVALID_RESPONSE, "malformed answer", latency
+            )
+        problem = check_answer(answer, known_hotkeys)
+        if problem:
+            return _failed(slug, Failure.CHALLENGE_FAILURE_INVALID_RESPONSE, problem, latency)
+        entries = tuple((e.hotkey, e.score) for e in answer.entries)
+        return Collected(
+            slug,
+            entries,
+            Failure.CHALLENGE_FAILURE_UNSPECIFIED,
+            "",
+            len(raw),
+            answer.scoring_version,
+            latency,
+        )
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(
+                address,
+                options=(
+                    ("grpc.max_receive_message_length", MAX_RESPONSE_BYTES),
+                    # Fail fast and retry the connection at the next epoch rather
+                    # than waiting out a long reconnect backoff.
+                    ("grpc.initial_reconnect_backoff_ms", 200),
+                    ("grpc.max_reconnect_backoff_ms", 2000),
+                ),
+            )
+            self._channels[address] = channel
+        return channel
+
+    def _forget_unused(self, addresses: set[str]) -> None:
+        for address in list(self._channels):
+            if address not in addresses:
+                channel = self._channels.pop(address)
+                asyncio.get_running_loop().create_task(channel.close(None))
+
+
+def check_answer(answer: challenge_pb2.GetWeightsResponse, known: Mapping[str, int]) -> str:
+    """The master's own re-check of a shim-validated answer; the first problem, or "".
+
+    Hotkeys found in the metagraph are valid by construction, so only the others
+    pay for a full SS58 decode.
+    """
+    entries = answer.entries
+    if len(entries) > MAX_ENTRIES:
+        return f"entries: at most {MAX_ENTRIES} allowed; got {len(entries)}"
+    seen: dict[str, int] = {}
+    total = 0.0
+    for index, entry in enumerate(entries):
+        hotkey = entry.hotkey
+        if hotkey not in known:
+            why = ss58.check(hotkey)
+            if why is not None:
+                return f"entries[{index}].hotkey: not a valid SS58 address ({why}); got {hotkey!r}"
+        first = seen.setdefault(hotkey, index)
+        if first != index:
+            return f"entries[{index}].hotkey: duplicate of entries[{first}]; got {hotkey!r}"
+        score = entry.score
+        if not (math.isfinite(score) and score >= 0):
+            return f"entries[{index}].score: must be finite and >= 0; got {score!r}"
+        total += score
+    if not math.isfinite(total):
+        return "entries: the sum of the scores must be finite"
+    label = answer.scoring_version
+    if len(label) > MAX_LABEL or not all(" " <= ch <= "~" for ch in label):
+        return f"scoring_version: at most {MAX_LABEL} printable ASCII characters; got {label!r}"
+    return ""
+
+
+def _failed(slug: str, failure: int, reason: str, latency: float) -> Collected:
+    if len(reason) > MAX_REASON:
+        reason = reason[: MAX_REASON - 3] + "..."
+    return Collected(slug, None, failure, reason, 0, "", latency)
+
+
+def _duration(seconds: float) -> Duration:
+    value = Duration()
+    value.FromNanoseconds(int(seconds * 1e9))
+    return value

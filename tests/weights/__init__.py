@@ -1,0 +1,1 @@
+"""Weight math, canonical encodings, vector signatures and hotkey loading."""
