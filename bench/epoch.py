@@ -43,7 +43,7 @@ from bench.common import (
 from platform_common.chain import LocalSubnet
 from platform_network.v1 import registry_pb2, weights_pb2
 from tests.helpers import ACTIVE, set_status, spec
-from tests.shim.support import VENV_BIN, Process
+from tests.shim.support import Process, shim
 from tests.support.master import ADMIN, start_master
 
 MODULE = "bench.epoch"
@@ -103,24 +103,14 @@ async def run(args: argparse.Namespace, workdir: Path) -> int:
                 placement = dict(zip(slugs, addresses, strict=True))
             else:
                 shims = [
-                    Process(
-                        f"shim-{slug}",
-                        [
-                            str(VENV_BIN / "platform"),
-                            "shim",
-                            "--listen",
-                            "127.0.0.1:0",
-                            "--slug",
-                            slug,
-                            "--challenge-address",
-                            address,
-                            "--metrics-listen",
-                            "",
-                            "--log-level",
-                            "warning",
-                        ],
+                    shim(
                         workdir,
-                        {"PLATFORM_SHIM_CHALLENGE_TOKEN": tokens[slug]},
+                        address,
+                        "--log-level",
+                        "warning",
+                        name=f"shim-{slug}",
+                        slug=slug,
+                        token=tokens[slug],
                     )
                     for slug, address in zip(slugs, addresses, strict=True)
                 ]

@@ -16,8 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from challenge_shim.validation import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_RESPONSE_BYTES, Limits
 from platform_common import tokens
+from platform_common.answers import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_RESPONSE_BYTES, Limits
 from platform_common.config import ENV_PREFIX, ConfigError, parse_host_port, setting
 
 SHIM_ENV_PREFIX = ENV_PREFIX + "SHIM_"

@@ -31,7 +31,7 @@ from challenge_shim.upstream import (
     too_slow,
     unreachable,
 )
-from challenge_shim.validation import Limits, check_size, parse_http_answer
+from platform_common.answers import Limits, check_size, parse_http_answer
 from platform_common.config import ConfigError
 from platform_network.v1 import challenge_pb2, common_pb2
 

@@ -42,8 +42,8 @@ from typing import Any, TypeAlias, TypeVar
 import grpc
 
 from challenge_shim.auth import ChallengeToken
-from challenge_shim.validation import request_violations
 from platform_common import refusals, rpc
+from platform_common.answers import request_violations
 from platform_common.config import join_host_port, parse_host_port
 from platform_common.status import to_grpc_status
 from platform_network.v1 import (

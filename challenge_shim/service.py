@@ -24,8 +24,8 @@ from grpc_status import rpc_status
 
 from challenge_shim import metrics
 from challenge_shim.upstream import ChallengeCallError, Metadata, Upstream
-from challenge_shim.validation import Limits, WeightsRefused, request_violations
 from platform_common import refusals
+from platform_common.answers import Limits, WeightsRefused, request_violations
 from platform_network.v1 import challenge_pb2, challenge_pb2_grpc
 
 log = logging.getLogger(__name__)

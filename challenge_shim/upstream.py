@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import grpc
 
-from challenge_shim.validation import Limits, WeightsRefused, check_size, parse_grpc_answer
+from platform_common.answers import Limits, WeightsRefused, check_size, parse_grpc_answer
 from platform_network.v1 import challenge_pb2
 
 ERROR_TEXT_MAX = 512

@@ -11,27 +11,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
 
-from platform_common import ss58
+from platform_common.answers import Limits, WeightsRefused, parse_grpc_answer
 from platform_network.v1 import challenge_pb2, challenge_pb2_grpc, weights_pb2
 
 log = logging.getLogger(__name__)
 
 Failure = weights_pb2.ChallengeFailure
 GET_WEIGHTS = "/platform_network.v1.ChallengeInternal/GetWeights"
-MAX_ENTRIES = 65_536
-# A little above the shim's own default limit (8 MiB), so the shim's refusal,
-# with its precise message, is what the master sees.
-MAX_RESPONSE_BYTES = 9 * 1024 * 1024
+LIMITS = Limits()  # the contract's default limits (65,536 entries, 8 MiB)
+# A little above the answer limit, so an oversized answer reaches the master's own
+# check (or is refused by the shim with its precise message) instead of failing the
+# call with a transport error.
+MAX_RECEIVE_BYTES = LIMITS.max_response_bytes + 1024 * 1024
 MAX_REASON = 1024
-MAX_LABEL = 128
 
 _FAILURES = {
     grpc.StatusCode.DEADLINE_EXCEEDED: Failure.CHALLENGE_FAILURE_TIMEOUT,
@@ -79,7 +78,6 @@ class Collector:
         self,
         targets: Sequence[Target],
         request: challenge_pb2.GetWeightsRequest,
-        known_hotkeys: Mapping[str, int],
     ) -> list[Collected]:
         """Collect every target concurrently; the result is in the targets' order.
 
@@ -90,7 +88,7 @@ class Collector:
         self._forget_unused({t.address for t in targets if t.address})
         if not targets:
             return []
-        tasks = [asyncio.create_task(self._one(t, request, known_hotkeys)) for t in targets]
+        tasks = [asyncio.create_task(self._one(t, request)) for t in targets]
         done, pending = await asyncio.wait(tasks, timeout=self.timeout + 1.0)
         for task in pending:
             task.cancel()
@@ -111,7 +109,6 @@ class Collector:
         self,
         target: Target,
         request: challenge_pb2.GetWeightsRequest,
-        known_hotkeys: Mapping[str, int],
     ) -> Collected:
         slug = target.slug
         start = time.monotonic()
@@ -165,14 +162,12 @@ class Collector:
             return _failed(slug, failure, reason, time.monotonic() - start)
         latency = time.monotonic() - start
         try:
-            answer = challenge_pb2.GetWeightsResponse.FromString(raw)
-        except Exception:  # a malformed message from a broken shim
+            # The same rules the shim applied: the master trusts no pod.
+            answer = parse_grpc_answer(raw, LIMITS)
+        except WeightsRefused as refused:
             return _failed(
-                slug, Failure.CHALLENGE_FAILURE_INVALID_RESPONSE, "malformed answer", latency
+                slug, Failure.CHALLENGE_FAILURE_INVALID_RESPONSE, refused.message, latency
             )
-        problem = check_answer(answer, known_hotkeys)
-        if problem:
-            return _failed(slug, Failure.CHALLENGE_FAILURE_INVALID_RESPONSE, problem, latency)
         entries = tuple((e.hotkey, e.score) for e in answer.entries)
         return Collected(
             slug,
@@ -190,7 +185,7 @@ class Collector:
             channel = grpc.aio.insecure_channel(
                 address,
                 options=(
-                    ("grpc.max_receive_message_length", MAX_RESPONSE_BYTES),
+                    ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
                     # Fail fast and retry the connection at the next epoch rather
                     # than waiting out a long reconnect backoff.
                     ("grpc.initial_reconnect_backoff_ms", 200),
@@ -205,38 +200,6 @@ class Collector:
             if address not in addresses:
                 channel = self._channels.pop(address)
                 asyncio.get_running_loop().create_task(channel.close(None))
-
-
-def check_answer(answer: challenge_pb2.GetWeightsResponse, known: Mapping[str, int]) -> str:
-    """The master's own re-check of a shim-validated answer; the first problem, or "".
-
-    Hotkeys found in the metagraph are valid by construction, so only the others
-    pay for a full SS58 decode.
-    """
-    entries = answer.entries
-    if len(entries) > MAX_ENTRIES:
-        return f"entries: at most {MAX_ENTRIES} allowed; got {len(entries)}"
-    seen: dict[str, int] = {}
-    total = 0.0
-    for index, entry in enumerate(entries):
-        hotkey = entry.hotkey
-        if hotkey not in known:
-            why = ss58.check(hotkey)
-            if why is not None:
-                return f"entries[{index}].hotkey: not a valid SS58 address ({why}); got {hotkey!r}"
-        first = seen.setdefault(hotkey, index)
-        if first != index:
-            return f"entries[{index}].hotkey: duplicate of entries[{first}]; got {hotkey!r}"
-        score = entry.score
-        if not (math.isfinite(score) and score >= 0):
-            return f"entries[{index}].score: must be finite and >= 0; got {score!r}"
-        total += score
-    if not math.isfinite(total):
-        return "entries: the sum of the scores must be finite"
-    label = answer.scoring_version
-    if len(label) > MAX_LABEL or not all(" " <= ch <= "~" for ch in label):
-        return f"scoring_version: at most {MAX_LABEL} printable ASCII characters; got {label!r}"
-    return ""
 
 
 def _failed(slug: str, failure: int, reason: str, latency: float) -> Collected:

@@ -216,7 +216,7 @@ class EpochEngine:
         tokens = await self._registry_store.tokens_of(slugs)
         addresses = await self._shims.addresses()
         targets = [Target(s, addresses.get(s), tokens.get(s)) for s in slugs]
-        collected = await self._collector.collect(targets, request, hotkey_to_uid)
+        collected = await self._collector.collect(targets, request)
         collect_seconds = time.monotonic() - started
 
         allocation = math_.allocate(

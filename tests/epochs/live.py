@@ -11,7 +11,8 @@ import aiohttp
 
 from platform_network.v1 import registry_pb2
 from tests.helpers import ACTIVE, set_status, spec
-from tests.shim.support import EXAMPLES, VENV_BIN, Process
+from tests.shim.support import EXAMPLES, Process
+from tests.shim.support import shim as shim_process
 from tests.support.master import ADMIN
 
 HOTKEY_HEADER = "X-Platform-Verified-Hotkey"
@@ -59,7 +60,7 @@ def launch(
     kind: str = "native",
     fault: str = "",
     shim_token: str | None = None,
-    shim_args: tuple[str, ...] = (),
+    with_shim: bool = True,
 ) -> LiveChallenge:
     """Start one example challenge and its shim; the shim checks ``shim_token`` (default: token)."""
     live = LiveChallenge(slug, token)
@@ -90,27 +91,17 @@ def launch(
     internal = ready.get("internal") or ready.get("listen")
     public = ready.get("public") or ready.get("listen")
     live.public_url = f"http://{public}"
-    shim = Process(
-        f"{slug}-shim",
-        [
-            str(VENV_BIN / "platform"),
-            "shim",
-            "--listen",
-            "127.0.0.1:0",
-            "--slug",
-            slug,
-            "--challenge-address",
-            str(internal),
-            "--transport",
-            "grpc" if kind == "native" else "http",
-            "--metrics-listen",
-            "",
-            "--shutdown-grace",
-            "1",
-            *shim_args,
-        ],
+    if not with_shim:
+        # The master talks to the challenge itself: nothing checks the answer but the master.
+        live.shim_address = str(internal)
+        return live
+    shim = shim_process(
         workdir,
-        {"PLATFORM_SHIM_CHALLENGE_TOKEN": shim_token or token},
+        str(internal),
+        name=f"{slug}-shim",
+        transport="grpc" if kind == "native" else "http",
+        slug=slug,
+        token=shim_token or token,
     )
     live.processes.append(shim)
     live.shim_address = str(shim.start()["listen"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -14,10 +14,8 @@ from platform_common import vectors
 from platform_common.chain import dev_keypair
 from platform_common.keys import load_signer
 from platform_network.v1 import weights_pb2
-from tests.epochs.conftest import MASTER_KEY, Subnet, start_epoch_master
+from tests.epochs.conftest import MASTER_KEY, EpochMaster, Subnet, start_epoch_master
 from tests.epochs.live import LiveChallenge, launch, register, write_endpoints
-
-pytestmark = pytest.mark.process
 
 Status = weights_pb2.ChallengeEpochStatus
 Failure = weights_pb2.ChallengeFailure
@@ -38,40 +36,48 @@ def live() -> Iterator[list[LiveChallenge]]:
             challenge.stop()
 
 
-@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
-async def test_an_epoch_over_both_examples_matches_a_hand_computation(
-    database_url: str,
-    subnet: Subnet,
-    token_key_file: Path,
-    tmp_path: Path,
-    live: list[LiveChallenge],
-) -> None:
-    endpoints = tmp_path / "shims.json"
+@pytest.fixture
+async def live_master(
+    database_url: str, subnet: Subnet, token_key_file: Path, tmp_path: Path
+) -> AsyncIterator[EpochMaster]:
+    """An epoch master placing challenges by ``tmp_path / "shims.json"`` (see write_endpoints)."""
     master = await start_epoch_master(
         database_url,
         subnet,
         token_key_file,
-        shim_endpoints_file=str(endpoints),
+        shim_endpoints_file=str(tmp_path / "shims.json"),
         collect_timeout=COLLECT_TIMEOUT,
     )
     try:
-        native_token = await register(master.registry, "sum-native", 0.5)
-        http_token = await register(master.registry, "sum-http", 0.25)
-        live.append(launch(tmp_path, "sum-native", native_token, kind="native"))
-        live.append(launch(tmp_path, "sum-http", http_token, kind="http"))
-        write_endpoints(endpoints, live)
-        native, http = live
-        # native: uid 5 solves 2 tasks, uid 6 one; http: uid 6 three, uid 7 one, and a
-        # hotkey that is not registered on the subnet one (ignored, not refused).
-        await native.solve(miner(5), 2)
-        await native.solve(miner(6), 1)
-        await http.solve(miner(6), 3)
-        await http.solve(miner(7), 1)
-        await http.solve(dev_keypair("unregistered", 1).ss58_address, 1)
-
-        epoch = await master.seal()
+        yield master
     finally:
         await master.close()
+
+
+# Both tests run on SQLite: the live part is the collection; the stores' behaviour on
+# both backends is covered by test_weights_service.
+pytestmark = [pytest.mark.process, pytest.mark.parametrize("backend", ["sqlite"], indirect=True)]
+
+
+async def test_an_epoch_over_both_examples_matches_a_hand_computation(
+    live_master: EpochMaster, tmp_path: Path, live: list[LiveChallenge]
+) -> None:
+    master = live_master
+    native_token = await register(master.registry, "sum-native", 0.5)
+    http_token = await register(master.registry, "sum-http", 0.25)
+    live.append(launch(tmp_path, "sum-native", native_token, kind="native"))
+    live.append(launch(tmp_path, "sum-http", http_token, kind="http"))
+    write_endpoints(tmp_path / "shims.json", live)
+    native, http = live
+    # native: uid 5 solves 2 tasks, uid 6 one; http: uid 6 three, uid 7 one, and a
+    # hotkey that is not registered on the subnet one (ignored, not refused).
+    await native.solve(miner(5), 2)
+    await native.solve(miner(6), 1)
+    await http.solve(miner(6), 3)
+    await http.solve(miner(7), 1)
+    await http.solve(dev_keypair("unregistered", 1).ss58_address, 1)
+
+    epoch = await master.seal()
 
     results = {r.slug: r for r in epoch.challenges}
     assert [r.slug for r in epoch.challenges] == ["sum-http", "sum-native"]
@@ -142,51 +148,46 @@ FAULTS: dict[str, tuple[str, str, int, tuple[str, ...]]] = {
 
 
 async def test_failing_challenges_are_failed_with_reasons_and_the_others_are_paid(
-    database_url: str,
-    subnet: Subnet,
-    token_key_file: Path,
-    tmp_path: Path,
-    live: list[LiveChallenge],
+    live_master: EpochMaster, tmp_path: Path, live: list[LiveChallenge]
 ) -> None:
-    endpoints = tmp_path / "shims.json"
-    master = await start_epoch_master(
-        database_url,
-        subnet,
-        token_key_file,
-        shim_endpoints_file=str(endpoints),
-        collect_timeout=COLLECT_TIMEOUT,
-    )
+    master = live_master
     share = 0.07
-    try:
-        tokens = {
-            slug: await register(master.registry, slug, share)
-            for slug in ["ok-native", "ok-http", "wrong-token", "not-running", *FAULTS]
-        }
-        plans = [
-            ("ok-native", "native", "", None),
-            ("ok-http", "http", "", None),
-            ("wrong-token", "native", "", "another-token-0123456789abcdef0123"),
-            *((slug, kind, fault, None) for slug, (kind, fault, _, _) in FAULTS.items()),
-        ]
-        launched = await asyncio.gather(
-            *(
-                asyncio.to_thread(
-                    launch, tmp_path, slug, tokens[slug], kind=kind, fault=fault, shim_token=other
-                )
-                for slug, kind, fault, other in plans
+    tokens = {
+        slug: await register(master.registry, slug, share)
+        for slug in ["ok-native", "ok-http", "wrong-token", "not-running", "unshielded", *FAULTS]
+    }
+    plans = [
+        ("ok-native", "native", "", None, True),
+        ("ok-http", "http", "", None, True),
+        ("wrong-token", "native", "", "another-token-0123456789abcdef0123", True),
+        # No shim: only the master's own check of the answer stands in the way.
+        ("unshielded", "native", "nan", None, False),
+        *((slug, kind, fault, None, True) for slug, (kind, fault, _, _) in FAULTS.items()),
+    ]
+    launched = await asyncio.gather(
+        *(
+            asyncio.to_thread(
+                launch,
+                tmp_path,
+                slug,
+                tokens[slug],
+                kind=kind,
+                fault=fault,
+                shim_token=other,
+                with_shim=with_shim,
             )
+            for slug, kind, fault, other, with_shim in plans
         )
-        live.extend(launched)
-        write_endpoints(endpoints, live)
-        by_slug = {c.slug: c for c in live}
-        await by_slug["ok-native"].solve(miner(5), 1)
-        await by_slug["ok-http"].solve(miner(6), 1)
-        for slug in ("nan-http", "bad-ss58-http", "inf", "negative"):
-            await by_slug[slug].solve(miner(9), 1)  # so the fault has something to spoil
+    )
+    live.extend(launched)
+    write_endpoints(tmp_path / "shims.json", live)
+    by_slug = {c.slug: c for c in live}
+    await by_slug["ok-native"].solve(miner(5), 1)
+    await by_slug["ok-http"].solve(miner(6), 1)
+    for slug in ("nan-http", "bad-ss58-http", "inf", "negative", "unshielded"):
+        await by_slug[slug].solve(miner(9), 1)  # so the fault has something to spoil
 
-        epoch = await master.seal()
-    finally:
-        await master.close()
+    epoch = await master.seal()
 
     results = {r.slug: r for r in epoch.challenges}
     assert results["ok-native"].status == Status.CHALLENGE_EPOCH_STATUS_OK
@@ -195,6 +196,10 @@ async def test_failing_challenges_are_failed_with_reasons_and_the_others_are_pai
         **{slug: (failure, words) for slug, (_, _, failure, words) in FAULTS.items()},
         "wrong-token": (Failure.CHALLENGE_FAILURE_AUTH, ("UNAUTHENTICATED",)),
         "not-running": (Failure.CHALLENGE_FAILURE_INTERNAL, ("no running instance",)),
+        "unshielded": (
+            Failure.CHALLENGE_FAILURE_INVALID_RESPONSE,
+            ("].score: must be finite and >= 0; got NaN",),
+        ),
     }
     for slug, (failure, words) in expected.items():
         result = results[slug]

@@ -119,16 +119,23 @@ def http_challenge(workdir: Path, fault: str = "", port: int = 0) -> Process:
 
 
 def shim(
-    workdir: Path, challenge_address: str, *extra: str, name: str = "shim", transport: str = "grpc"
+    workdir: Path,
+    challenge_address: str,
+    *extra: str,
+    name: str = "shim",
+    transport: str = "grpc",
+    slug: str = SLUG,
+    token: str = TOKEN,
 ) -> Process:
-    """``platform shim`` in front of ``challenge_address``; token from the environment."""
+    """``platform shim`` for ``slug`` in front of ``challenge_address``; token from the
+    environment."""
     argv = [
         str(VENV_BIN / "platform"),
         "shim",
         "--listen",
         "127.0.0.1:0",
         "--slug",
-        SLUG,
+        slug,
         "--challenge-address",
         challenge_address,
         "--transport",
@@ -139,7 +146,7 @@ def shim(
         "2",
         *extra,
     ]
-    return Process(name, argv, workdir, {"PLATFORM_SHIM_CHALLENGE_TOKEN": TOKEN})
+    return Process(name, argv, workdir, {"PLATFORM_SHIM_CHALLENGE_TOKEN": token})
 
 
 def port_of(address: str) -> int:

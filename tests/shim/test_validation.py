@@ -8,7 +8,7 @@ import math
 import pytest
 from bittensor.sp_core import Keypair
 
-from challenge_shim.validation import (
+from platform_common.answers import (
     Limits,
     Rule,
     WeightsRefused,

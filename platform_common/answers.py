@@ -11,8 +11,10 @@ applied in this order; the first rule with a broken instance refuses the whole a
 5. score     every score finite and >= 0, and their sum finite;
 6. label     ``scoring_version``: at most 128 characters of printable ASCII.
 
-Each broken instance is a :class:`Violation` (subject = field path, description = rule
-and offending value); at most 16 are kept, the count of the rest is in the message.
+The shim applies them before an answer leaves the pod; the master applies them again
+on receipt (it trusts no pod). Each broken instance is a :class:`Violation` (subject =
+field path, description = rule and offending value); at most 16 are kept, the count
+of the rest is in the message.
 """
 
 from __future__ import annotations
