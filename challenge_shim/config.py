@@ -14,11 +14,9 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
-from platform_common import tokens
 from platform_common.answers import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_RESPONSE_BYTES, Limits
-from platform_common.config import ENV_PREFIX, ConfigError, parse_host_port, setting
+from platform_common.config import ENV_PREFIX, ConfigError, parse_host_port, secret_token, setting
 
 SHIM_ENV_PREFIX = ENV_PREFIX + "SHIM_"
 TOKEN_MIN = 16
@@ -118,31 +116,15 @@ class ShimConfig:
 
     def token_value(self) -> str:
         """The challenge token from PLATFORM_SHIM_CHALLENGE_TOKEN or the token file."""
-        if self.challenge_token and self.challenge_token_file:
-            raise ConfigError(
-                "set either PLATFORM_SHIM_CHALLENGE_TOKEN or --challenge-token-file, not both"
-            )
-        if self.challenge_token_file:
-            try:
-                token = tokens.read_token_file(Path(self.challenge_token_file))
-            except (OSError, ValueError) as exc:
-                raise ConfigError(f"--challenge-token-file: {exc}") from exc
-            source = "--challenge-token-file"
-        elif self.challenge_token:
-            # Secrets written with `echo token > file` carry a newline; clients never send one.
-            token, source = self.challenge_token.strip(), "PLATFORM_SHIM_CHALLENGE_TOKEN"
-        else:
-            raise ConfigError(
-                "no challenge token: set PLATFORM_SHIM_CHALLENGE_TOKEN or --challenge-token-file "
-                "(the token the registry returned when the challenge was created)"
-            )
-        if any(ch.isspace() for ch in token):
-            raise ConfigError(f"{source}: the challenge token must not contain whitespace")
-        if len(token) < TOKEN_MIN:
-            raise ConfigError(
-                f"{source}: the challenge token must be at least {TOKEN_MIN} characters"
-            )
-        return token
+        return secret_token(
+            self.challenge_token,
+            self.challenge_token_file,
+            env="PLATFORM_SHIM_CHALLENGE_TOKEN",
+            flag="--challenge-token-file",
+            what="challenge token",
+            min_length=TOKEN_MIN,
+            hint="the token the registry returned when the challenge was created",
+        )
 
     def check(self) -> None:
         """Refuse settings that cannot work, with a message naming the setting."""

@@ -45,12 +45,12 @@ from challenge_shim.auth import ChallengeToken
 from platform_common import refusals, rpc
 from platform_common.answers import request_violations
 from platform_common.config import join_host_port, parse_host_port
+from platform_common.protos import Scalar, scalar_to_proto
 from platform_common.status import to_grpc_status
 from platform_network.v1 import (
     broker_pb2_grpc,
     challenge_pb2,
     challenge_pb2_grpc,
-    common_pb2,
 )
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,6 @@ log = logging.getLogger(__name__)
 API_VERSION = "v1"
 BROKER_ADDR_ENV = "PLATFORM_BROKER_ADDR"
 SERVICE = challenge_pb2.DESCRIPTOR.services_by_name["ChallengeInternal"]
-Scalar: TypeAlias = str | int | float | bool
 Context = grpc.aio.ServicerContext[Any, Any]
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -271,16 +270,6 @@ def _to_response(answer: Any) -> challenge_pb2.GetWeightsResponse:
     return challenge_pb2.GetWeightsResponse(entries=entries, scoring_version=label)
 
 
-def _scalar(value: Scalar) -> common_pb2.ScalarValue:
-    if isinstance(value, bool):
-        return common_pb2.ScalarValue(bool_value=value)
-    if isinstance(value, int):
-        return common_pb2.ScalarValue(int_value=value)
-    if isinstance(value, float):
-        return common_pb2.ScalarValue(double_value=value)
-    return common_pb2.ScalarValue(string_value=str(value))
-
-
 class _Servicer(challenge_pb2_grpc.ChallengeInternalServicer):
     def __init__(self, challenge: Challenge) -> None:
         self._challenge = challenge
@@ -356,7 +345,7 @@ class _Servicer(challenge_pb2_grpc.ChallengeInternalServicer):
             api_version=API_VERSION,
             challenge_version=challenge.version,
             capabilities=challenge.capabilities(),
-            metadata={key: _scalar(value) for key, value in metadata.items()},
+            metadata={key: scalar_to_proto(value) for key, value in metadata.items()},
         )
 
 

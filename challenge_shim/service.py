@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -18,7 +17,6 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
-from google.protobuf.duration_pb2 import Duration
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -26,6 +24,7 @@ from challenge_shim import metrics
 from challenge_shim.upstream import ChallengeCallError, Metadata, Upstream
 from platform_common import refusals
 from platform_common.answers import Limits, WeightsRefused, request_violations
+from platform_common.protos import duration
 from platform_network.v1 import challenge_pb2, challenge_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -88,7 +87,7 @@ class ShimService(challenge_pb2_grpc.ChallengeInternalServicer):
         self._shim_info = challenge_pb2.ShimInfo(
             version=platform_version(),
             transport=upstream.transport,
-            max_deadline=_duration(max_deadline),
+            max_deadline=duration(max_deadline),
             max_entries=limits.max_entries,
             max_response_bytes=limits.max_response_bytes,
         )
@@ -108,7 +107,7 @@ class ShimService(challenge_pb2_grpc.ChallengeInternalServicer):
         forwarded = challenge_pb2.GetWeightsRequest()
         forwarded.CopyFrom(request)
         # The budget the challenge really has: the deadline the shim forwards with.
-        forwarded.time_budget.CopyFrom(_duration(budget))
+        forwarded.time_budget.CopyFrom(duration(budget))
         try:
             answer = await self._forward(
                 "GetWeights",
@@ -273,8 +272,3 @@ class ShimService(challenge_pb2_grpc.ChallengeInternalServicer):
             metrics.CHALLENGE_LATENCY.labels(method).observe(time.perf_counter() - started)
         metrics.CHALLENGE_CALLS.labels(method, "ok").inc()
         return result
-
-
-def _duration(seconds: float) -> Duration:
-    millis = max(0, math.floor(seconds * 1000))
-    return Duration(seconds=millis // 1000, nanos=(millis % 1000) * 1_000_000)

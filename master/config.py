@@ -7,8 +7,7 @@ from pathlib import Path
 
 from master.registry.rules import DEFAULT_METADATA_KEYS
 from master.registry.tokens import read_key_file
-from platform_common import tokens
-from platform_common.config import ConfigError, parse_host_port, setting
+from platform_common.config import ConfigError, parse_host_port, secret_token, setting
 
 ADMIN_TOKEN_MIN = 16
 
@@ -162,30 +161,14 @@ class MasterConfig:
 
     def admin_token_value(self) -> str:
         """The admin token from PLATFORM_ADMIN_TOKEN or the token file."""
-        if self.admin_token and self.admin_token_file:
-            raise ConfigError("set either PLATFORM_ADMIN_TOKEN or --admin-token-file, not both")
-        if self.admin_token_file:
-            try:
-                token = tokens.read_token_file(Path(self.admin_token_file))
-            except (OSError, ValueError) as exc:
-                raise ConfigError(f"--admin-token-file: {exc}") from exc
-            source = "--admin-token-file"
-        elif self.admin_token:
-            # Secrets made with `echo token > file` carry a newline; clients never send one.
-            token, source = self.admin_token.strip(), "PLATFORM_ADMIN_TOKEN"
-        else:
-            token, source = "", ""
-        if token:
-            if any(ch.isspace() for ch in token):
-                raise ConfigError(f"{source}: the admin token must not contain whitespace")
-            if len(token) < ADMIN_TOKEN_MIN:
-                raise ConfigError(
-                    f"{source}: the admin token must be at least {ADMIN_TOKEN_MIN} characters"
-                )
-            return token
-        raise ConfigError(
-            "no admin token: set PLATFORM_ADMIN_TOKEN or --admin-token-file "
-            "(generate one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))')"
+        return secret_token(
+            self.admin_token,
+            self.admin_token_file,
+            env="PLATFORM_ADMIN_TOKEN",
+            flag="--admin-token-file",
+            what="admin token",
+            min_length=ADMIN_TOKEN_MIN,
+            hint="generate one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'",
         )
 
     def token_key(self) -> bytes | None:

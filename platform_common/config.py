@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from platform_common.tokens import read_token_file
+
 ENV_PREFIX = "PLATFORM_"
 
 T = TypeVar("T")
@@ -209,3 +211,32 @@ def parse_host_port(value: str, what: str) -> tuple[str, int]:
     if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise ConfigError(f"{what}: expected HOST:PORT with a port 0..65535; got {value!r}")
     return host.strip("[]"), int(port_text)
+
+
+def secret_token(
+    value: str, file: str, *, env: str, flag: str, what: str, min_length: int, hint: str
+) -> str:
+    """A bearer token given either in the environment (``env``) or in a file (``flag``).
+
+    Refuses both at once, neither (with ``hint`` on how to get one), whitespace inside
+    and fewer than ``min_length`` characters, each with a message naming the source.
+    Surrounding whitespace is dropped: secrets written with ``echo token > file`` carry
+    a newline, and clients never send one.
+    """
+    if value and file:
+        raise ConfigError(f"set either {env} or {flag}, not both")
+    if file:
+        try:
+            token = read_token_file(Path(file))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{flag}: {exc}") from exc
+        source = flag
+    elif value:
+        token, source = value.strip(), env
+    else:
+        raise ConfigError(f"no {what}: set {env} or {flag} ({hint})")
+    if any(ch.isspace() for ch in token):
+        raise ConfigError(f"{source}: the {what} must not contain whitespace")
+    if len(token) < min_length:
+        raise ConfigError(f"{source}: the {what} must be at least {min_length} characters")
+    return token

@@ -8,6 +8,7 @@ from datetime import datetime
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from master.registry.rules import Challenge, ResourceSpec, Routes, Scalar, Spec, Status
+from platform_common.protos import scalar_from_proto, scalar_to_proto
 from platform_network.v1 import common_pb2, registry_pb2
 
 
@@ -33,27 +34,6 @@ def spec_from_proto(msg: registry_pb2.ChallengeSpec) -> Spec:
         env=dict(msg.env),
         metadata={k: scalar_from_proto(v) for k, v in msg.metadata.items()},
     )
-
-
-def scalar_from_proto(value: common_pb2.ScalarValue) -> Scalar:
-    kind = value.WhichOneof("kind")
-    if kind == "int_value":
-        return value.int_value
-    if kind == "double_value":
-        return value.double_value
-    if kind == "bool_value":
-        return value.bool_value
-    return value.string_value
-
-
-def scalar_to_proto(value: Scalar) -> common_pb2.ScalarValue:
-    if isinstance(value, bool):
-        return common_pb2.ScalarValue(bool_value=value)
-    if isinstance(value, int):
-        return common_pb2.ScalarValue(int_value=value)
-    if isinstance(value, float):
-        return common_pb2.ScalarValue(double_value=value)
-    return common_pb2.ScalarValue(string_value=value)
 
 
 def _metadata(values: Mapping[str, Scalar]) -> dict[str, common_pb2.ScalarValue]:

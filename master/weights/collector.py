@@ -16,9 +16,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
-from google.protobuf.duration_pb2 import Duration
 
 from platform_common.answers import Limits, WeightsRefused, parse_grpc_answer
+from platform_common.protos import duration
 from platform_network.v1 import challenge_pb2, challenge_pb2_grpc, weights_pb2
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ class Collector:
             left = max(deadline - time.monotonic(), 0.001)
             ask = challenge_pb2.GetWeightsRequest()
             ask.CopyFrom(request)
-            ask.time_budget.CopyFrom(_duration(left))
+            ask.time_budget.CopyFrom(duration(left))
             # Raw bytes: the answer's size is recorded as received, then parsed once.
             get_weights: grpc.aio.UnaryUnaryMultiCallable[
                 challenge_pb2.GetWeightsRequest, bytes
@@ -206,9 +206,3 @@ def _failed(slug: str, failure: int, reason: str, latency: float) -> Collected:
     if len(reason) > MAX_REASON:
         reason = reason[: MAX_REASON - 3] + "..."
     return Collected(slug, None, failure, reason, 0, "", latency)
-
-
-def _duration(seconds: float) -> Duration:
-    value = Duration()
-    value.FromNanoseconds(int(seconds * 1e9))
-    return value

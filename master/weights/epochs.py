@@ -28,8 +28,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
-from google.protobuf.duration_pb2 import Duration
-
 from master.registry.feed import RegistryFeed
 from master.registry.rules import Status
 from master.registry.store import RegistryStore
@@ -42,6 +40,7 @@ from platform_common import vectors
 from platform_common import weights as math_
 from platform_common.chain import Chain, Hyperparameters
 from platform_common.keys import Signer
+from platform_common.protos import duration
 from platform_network.v1 import challenge_pb2, weights_pb2
 
 log = logging.getLogger(__name__)
@@ -354,14 +353,8 @@ def _result(
         raw_size_bytes=got.size_bytes,
         paid_entry_count=part.paid_entry_count,
         scoring_version=got.scoring_version,
-        latency=_duration(got.latency),
+        latency=duration(got.latency),
     )
     if got.entries is not None:
         result.raw_sha256 = vectors.raw_answer_digest(got.entries)
     return result
-
-
-def _duration(seconds: float) -> Duration:
-    value = Duration()
-    value.FromNanoseconds(int(seconds * 1e9))
-    return value

@@ -20,6 +20,7 @@ from master.weights.store import StoredSubmission, WeightsStore
 from platform_common import metrics, ss58
 from platform_common.refusals import (
     FieldViolation,
+    already_exists,
     failed_precondition,
     invalid,
     invalid_field,
@@ -27,7 +28,6 @@ from platform_common.refusals import (
     permission_denied,
     resource_exhausted,
 )
-from platform_common.refusals import already_exists as already_exists_
 from platform_common.rpc import CALLER
 from platform_network.v1 import common_pb2, weights_pb2, weights_pb2_grpc
 
@@ -220,16 +220,16 @@ class WeightsService(weights_pb2_grpc.WeightsServicer):
                 f"report.validator_hotkey: the call was signed by {caller.subject!r}, "
                 f"not {report.validator_hotkey!r}"
             )
-        epoch = await self._store.epoch(number=report.epoch)
-        if epoch is None:
+        epoch_id = await self._store.epoch_id(report.epoch)
+        if epoch_id is None:
             raise not_found(
                 f"report.epoch: no epoch {report.epoch} in this history (never sealed, or pruned)"
             )
-        if epoch.vector.epoch_id != report.epoch_id:
+        if epoch_id != report.epoch_id:
             raise failed_precondition(
                 "EPOCH_ID_MISMATCH",
                 "report.epoch_id",
-                f"report.epoch_id: epoch {report.epoch} has id {epoch.vector.epoch_id!r}; "
+                f"report.epoch_id: epoch {report.epoch} has id {epoch_id!r}; "
                 f"got {report.epoch_id!r} (a report about another history of the master)",
             )
         existing = await self._store.submission(report.validator_hotkey, report.report_id)
@@ -251,7 +251,7 @@ class WeightsService(weights_pb2_grpc.WeightsServicer):
         if existing.report.SerializeToString(deterministic=True) != report.SerializeToString(
             deterministic=True
         ):
-            raise already_exists_(
+            raise already_exists(
                 f"report.report_id: {report.report_id!r} is already stored with different content"
             )
         return weights_pb2.ReportSubmissionResponse(

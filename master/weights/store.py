@@ -79,6 +79,14 @@ class WeightsStore:
             body = (await conn.execute(query)).scalar_one_or_none()
         return None if body is None else weights_pb2.Epoch.FromString(body)
 
+    async def epoch_id(self, number: int) -> str | None:
+        """The id of epoch ``number``, without reading its record."""
+        async with self._engine.connect() as conn:
+            value = (
+                await conn.execute(select(EpochRow.epoch_id).where(EpochRow.epoch == number))
+            ).scalar_one_or_none()
+        return None if value is None else str(value)
+
     async def vectors_after(self, epoch: int, limit: int) -> list[bytes]:
         """Serialized vectors with an epoch > ``epoch``, oldest first."""
         async with self._engine.connect() as conn:

@@ -16,10 +16,10 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from master.db.engine import create_engine
-from master.registry.convert import scalar_to_proto
 from master.registry.rules import Policy
 from master.registry.store import RegistryStore
 from master.registry.tokens import TokenIssuer
+from platform_common.protos import scalar_to_proto
 from platform_network.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 from tests.helpers import ACTIVE, DISABLED, DRAFT, INACTIVE, create, refused, set_status, spec
 from tests.support.master import ADMIN, RunningMaster
