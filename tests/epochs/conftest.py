@@ -38,6 +38,13 @@ def token_key_file(tmp_path: Path) -> Path:
     return path
 
 
+async def read(stream: Any) -> weights_pb2.WatchWeightsResponse:
+    """The next message of a WatchWeights stream."""
+    message = await stream.read()
+    assert isinstance(message, weights_pb2.WatchWeightsResponse), message
+    return message
+
+
 class EpochMaster:
     """A running master whose epochs are sealed on demand by the test."""
 
@@ -63,14 +70,13 @@ class EpochMaster:
 async def start_epoch_master(
     database_url: str, subnet: Subnet, token_key_file: Path, **overrides: Any
 ) -> EpochMaster:
-    running = await start_master(
-        database_url,
-        chain=subnet.url,
-        hotkey=MASTER_KEY,
-        epochs=False,
-        token_key_file=str(token_key_file),
-        **overrides,
-    )
+    settings: dict[str, Any] = {
+        "chain": subnet.url,
+        "hotkey": MASTER_KEY,
+        "epochs": False,  # sealed on demand (seal()) unless a test asks for the schedule
+        "token_key_file": str(token_key_file),
+    }
+    running = await start_master(database_url, **{**settings, **overrides})
     return EpochMaster(running)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -14,7 +13,7 @@ from platform_common import vectors
 from platform_common.chain import dev_keypair
 from platform_common.keys import load_signer
 from platform_network.v1 import common_pb2, weights_pb2
-from tests.epochs.conftest import MASTER_KEY, EpochMaster, Subnet, start_epoch_master
+from tests.epochs.conftest import MASTER_KEY, EpochMaster, Subnet, read, start_epoch_master
 from tests.helpers import refused
 from tests.support.master import ADMIN
 
@@ -22,13 +21,6 @@ Reason = common_pb2.SnapshotReason
 Outcome = weights_pb2.SubmissionOutcome
 VALIDATOR = dev_keypair("hotkey", 1).ss58_address
 EXTRINSIC = "0x" + "ab" * 32
-
-
-async def read(stream: Any) -> weights_pb2.WatchWeightsResponse:
-    """The next message of a WatchWeights stream."""
-    message = await stream.read()
-    assert isinstance(message, weights_pb2.WatchWeightsResponse), message
-    return message
 
 
 def report(sealed: weights_pb2.WeightVector, **fields: object) -> weights_pb2.SubmissionReport:
