@@ -97,6 +97,7 @@ bench: $(STAMP) postgres-bin
 	$(PY) -m bench.weights_allocate
 	$(PY) -m bench.epoch --direct
 	$(PY) -m bench.epoch
+	$(PY) -m bench.shim_calls
 	$(PY) -m bench.latest_weights
 
 # Re-pin every dependency (transitive too) from pyproject.toml into requirements.lock.

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import secrets
 import sys
 import tempfile
 import threading
@@ -35,9 +34,8 @@ from bench.common import (
     master_pid,
     table,
 )
-from platform_common.chain import LocalSubnet
 from platform_network.v1 import weights_pb2, weights_pb2_grpc
-from tests.support.master import ADMIN, MasterProcess
+from tests.support.master import ADMIN, epoch_master_process
 
 MODULE = "bench.latest_weights"
 TARGET_RPS = 3000
@@ -95,24 +93,8 @@ def client_process(address: str, seconds: float, concurrency: int, out: object) 
 
 
 def run(args: argparse.Namespace, workdir: Path) -> int:
-    chain = workdir / "chain.json"
-    LocalSubnet.create(chain, netuid=1, neurons=256, validators=8, manual_blocks=True)
-    key = workdir / "token.key"
-    key.write_text(secrets.token_hex(32))
-    master = MasterProcess(
-        workdir / "master",
-        f"sqlite+aiosqlite:///{workdir / 'registry.db'}",
-        "--chain",
-        f"local+file:{chain}",
-        "--epoch-schedule",
-        "interval",
-        "--epoch-interval",
-        "3600",
-        "--token-key-file",
-        str(key),
-        "--log-level",
-        "warning",
-        env={"PLATFORM_HOTKEY": "//platform-bench/master"},
+    master = epoch_master_process(
+        workdir, "--log-level", "warning", neurons=256, hotkey="//platform-bench/master"
     )
     try:
         address = master.start()

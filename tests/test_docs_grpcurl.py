@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +19,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from platform_common.chain import LocalSubnet
 from platform_network.v1 import registry_pb2
-from tests.support.master import ADMIN_TOKEN, VENV_BIN, MasterProcess
+from tests.support.master import ADMIN_TOKEN, VENV_BIN, MasterProcess, epoch_master_process
 
 REPO = Path(__file__).resolve().parents[1]
 GUIDE = REPO / "docs" / "operators.md"
@@ -190,23 +188,7 @@ def test_guide_blocks_follow_the_convention() -> None:
 @pytest.mark.process
 def test_every_grpcurl_example_of_the_guide_works(tmp_path: Path) -> None:
     blocks = guide_blocks(GUIDE.read_text())
-    chain = tmp_path / "chain.json"
-    LocalSubnet.create(chain, neurons=8, validators=2, manual_blocks=True)
-    key = tmp_path / "token.key"
-    key.write_text(secrets.token_hex(32))
-    master = MasterProcess(
-        tmp_path / "master",
-        f"sqlite+aiosqlite:///{tmp_path / 'registry.db'}",
-        "--chain",
-        f"local+file:{chain}",
-        "--epoch-schedule",
-        "interval",
-        "--epoch-interval",
-        "3600",
-        "--token-key-file",
-        str(key),
-        env={"PLATFORM_HOTKEY": "//platform-docs/master"},
-    )
+    master = epoch_master_process(tmp_path, neurons=8, hotkey="//platform-docs/master")
     try:
         address = master.start()
         env = {

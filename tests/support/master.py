@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -128,3 +129,29 @@ class MasterProcess:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+def epoch_master_process(workdir: Path, *extra: str, neurons: int, hotkey: str) -> MasterProcess:
+    """``platform master`` on SQLite over a new local simulated subnet of ``neurons``
+    neurons, sealing one epoch at start-up (then one an hour), signing with ``hotkey``."""
+    from platform_common.chain import LocalSubnet  # the SDK is slow to import
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    chain = workdir / "chain.json"
+    LocalSubnet.create(chain, neurons=neurons, validators=2, manual_blocks=True)
+    key = workdir / "token.key"
+    key.write_text(secrets.token_hex(32))
+    return MasterProcess(
+        workdir / "master",
+        f"sqlite+aiosqlite:///{workdir / 'registry.db'}",
+        "--chain",
+        f"local+file:{chain}",
+        "--epoch-schedule",
+        "interval",
+        "--epoch-interval",
+        "3600",
+        "--token-key-file",
+        str(key),
+        *extra,
+        env={"PLATFORM_HOTKEY": hotkey},
+    )
