@@ -107,7 +107,6 @@ class EpochEngine:
         self._feed = feed
         self._clock = clock
         self._lock = asyncio.Lock()
-        self._last_epoch = 0
         #: Seconds spent by the last sealed epoch: "collect" (health checks and
         #: answers), "seal" (everything after: allocation, conversion, signature,
         #: persistence, publication) and "total".
@@ -206,7 +205,7 @@ class EpochEngine:
                 f"({len(metagraph.neurons)} neurons)",
             )
 
-        number = max(self._last_epoch, await self._store.last_epoch()) + 1
+        number = await self._store.last_epoch() + 1
         epoch_id = uuid.uuid4().hex
         request = challenge_pb2.GetWeightsRequest(
             epoch=number, epoch_id=epoch_id, netuid=settings.netuid, metagraph_block=metagraph.block
@@ -278,7 +277,6 @@ class EpochEngine:
             await self._store.insert_epoch(epoch)
         except EpochTaken as exc:
             raise EpochNotSealed("taken", f"{exc} (another master replica runs epochs)") from exc
-        self._last_epoch = number
         self._feed.publish(vector, vector.SerializeToString(deterministic=True))
 
         for result in results:

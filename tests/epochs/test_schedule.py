@@ -8,6 +8,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 
 from master.weights.endpoints import ShimEndpointsFile
 from master.weights.epochs import EpochNotSealed, tempo_position
@@ -128,9 +129,15 @@ async def test_no_vector_is_sealed_when_the_sdk_refuses_the_conversion(
     first = await epoch_master.seal()
     # An all-burn vector has one non-zero weight; the subnet now wants at least two.
     await subnet.local.set_hyperparameters(min_allowed_weights=2)
+    counted = REGISTRY.get_sample_value("platform_epochs_total", {"outcome": "conversion_refused"})
     with pytest.raises(EpochNotSealed) as info:
         await epoch_master.seal()
     assert info.value.outcome == "conversion_refused"
+    # Operators see it in the metric the guide names.
+    assert (
+        REGISTRY.get_sample_value("platform_epochs_total", {"outcome": "conversion_refused"})
+        == (counted or 0) + 1
+    )
     latest = await epoch_master.weights.GetLatestWeights(
         weights_pb2.GetLatestWeightsRequest(), metadata=ADMIN
     )
