@@ -1,10 +1,12 @@
 """The master process: composition root and life cycle.
 
 Start order: database (migrated), registry store, registry feed, gRPC server
-(Registry, Weights, Broker, health, reflection), metrics endpoint, compaction.
-Stop order on SIGTERM/SIGINT: health NOT_SERVING, watch streams ended with
-UNAVAILABLE (clients resume from their revision), grace period for in-flight
-calls, then the database.
+(Registry, Weights, Broker, health, reflection; with --edge-listen also Envoy's
+xDS and ext_authz), metrics endpoint, compaction, epochs, then the edge's first
+configuration and the local Envoy (--edge-envoy).
+Stop order on SIGTERM/SIGINT: the local Envoy, health NOT_SERVING, watch
+streams ended with UNAVAILABLE (clients resume from their revision), grace
+period for in-flight calls, then the database.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import logging
 import os
 import secrets
 import signal
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -23,6 +27,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from master.config import MasterConfig
 from master.db import migrate
 from master.db.engine import create_engine
+from master.edge.authz import AuthzService
+from master.edge.controller import EdgeController
+from master.edge.hotkeys import RegisteredHotkeys
+from master.edge.model import EdgeLimits, EdgeSettings
+from master.edge.nonces import NonceStore
+from master.edge.proxy import EnvoyProcess, render_bootstrap
+from master.edge.xds import XdsServer
 from master.registry.feed import RegistryFeed
 from master.registry.rules import Policy
 from master.registry.service import RegistryService
@@ -30,7 +41,7 @@ from master.registry.store import RegistryStore
 from master.registry.tokens import TokenIssuer
 from master.weights import service as weights_service
 from master.weights.collector import Collector
-from master.weights.endpoints import NoShims, ShimDirectory, ShimEndpointsFile
+from master.weights.endpoints import NoShims, ShimEndpointsFile
 from master.weights.epochs import EpochEngine, EpochSettings
 from master.weights.feed import WeightsFeed
 from master.weights.store import WeightsStore
@@ -57,6 +68,17 @@ SERVICES = (
     broker_pb2.DESCRIPTOR.services_by_name["Broker"],
 )
 
+# Envoy's services (not ours, so no (auth) option): the edge token only.
+EDGE_METHODS = {
+    "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources": (
+        rpc.AuthPolicy.AUTH_POLICY_EDGE
+    ),
+    "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources": (
+        rpc.AuthPolicy.AUTH_POLICY_EDGE
+    ),
+    "/envoy.service.auth.v3.Authorization/Check": rpc.AuthPolicy.AUTH_POLICY_EDGE,
+}
+
 
 class StartupError(Exception):
     """The master cannot start (database unreachable, schema not migrated, port taken)."""
@@ -77,6 +99,21 @@ class Master:
         self._collector: Collector | None = None
         self._weights_feed: WeightsFeed | None = None
         self._token_key = config.token_key()
+        self._edge_token = config.edge_token_value() if config.edge_listen else None
+        if config.edge_listen and self._edge_token is None:
+            # Only with --edge-envoy (config.check refuses it otherwise): the master
+            # hands the token to the Envoy it starts itself.
+            self._edge_token = secrets.token_urlsafe(32)
+        self._xds: XdsServer | None = None
+        self._authz: AuthzService | None = None
+        self._nonces: NonceStore | None = None
+        self._hotkeys: RegisteredHotkeys | None = None
+        self._edge_task: asyncio.Task[None] | None = None
+        self._prune_task: asyncio.Task[None] | None = None
+        #: The edge's configuration loop; None without --edge-listen.
+        self.edge: EdgeController | None = None
+        #: The local Envoy started with --edge-envoy.
+        self.envoy: EnvoyProcess | None = None
         self._signer: Signer | None = None
         if config.chain:
             try:
@@ -119,6 +156,15 @@ class Master:
         weights_store = WeightsStore(self._engine)
         self._weights_feed = WeightsFeed(weights_store)
         await self._weights_feed.load()
+        if config.chain:
+            try:
+                self._chain = open_chain(config.chain, config.netuid)
+            except ValueError as exc:
+                await self._feed.close()
+                await self._engine.dispose()
+                raise StartupError(f"--chain: {exc}") from exc
+        if config.edge_listen:
+            self._prepare_edge(self._engine)
         server = self._build_server(store, weights_store)
         host, port = parse_host_port(config.listen, "--listen")
         try:
@@ -137,6 +183,8 @@ class Master:
         )
         if config.chain:
             await self._start_epochs(store, weights_store)
+        if config.edge_listen:
+            await self._start_edge(host)
 
         address = join_host_port(host, self.port)
         log.info(
@@ -148,6 +196,7 @@ class Master:
                 "metrics_port": self._metrics.port if self._metrics else None,
                 "database": self._engine.dialect.name,
                 "production": config.production,
+                "edge": config.edge_listen or None,
             },
         )
         if config.ready_file:
@@ -157,13 +206,13 @@ class Master:
         config = self.config
         assert self._feed is not None
         assert self._weights_feed is not None
-        guard = rpc.CallGuard(
-            rpc.method_policies(SERVICES),
-            {
-                rpc.AuthPolicy.AUTH_POLICY_ADMIN: self._admin,
-                rpc.AuthPolicy.AUTH_POLICY_CHALLENGE: ChallengeTokens(store),
-            },
-        )
+        authenticators: dict[int, rpc.Authenticator] = {
+            rpc.AuthPolicy.AUTH_POLICY_ADMIN: self._admin,
+            rpc.AuthPolicy.AUTH_POLICY_CHALLENGE: ChallengeTokens(store),
+        }
+        if self._edge_token is not None:
+            authenticators[rpc.AuthPolicy.AUTH_POLICY_EDGE] = EdgeToken(self._edge_token)
+        guard = rpc.CallGuard({**rpc.method_policies(SERVICES), **EDGE_METHODS}, authenticators)
         server = rpc.Server(
             interceptors=[guard],
             max_concurrent_rpcs=config.max_concurrent_rpcs,
@@ -192,6 +241,24 @@ class Master:
             lambda s: broker_pb2_grpc.add_BrokerServicer_to_server(broker, s),
             served=False,
         )
+        if self._xds is not None and self._authz is not None:
+            from envoy.service.auth.v3 import external_auth_pb2
+            from envoy.service.discovery.v3 import ads_pb2
+
+            server.add_service(
+                ads_pb2.DESCRIPTOR.services_by_name["AggregatedDiscoveryService"],
+                self._xds.add_to_server,
+            )
+            server.add_service(
+                external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"],
+                self._authz.add_to_server,
+            )
+            xds = self._xds
+
+            async def close_xds() -> None:
+                await xds.close()
+
+            server.on_shutdown(close_xds)
         server.on_shutdown(self._feed.close)
         weights_feed = self._weights_feed
 
@@ -206,11 +273,8 @@ class Master:
         assert self._feed is not None
         assert self._weights_feed is not None
         assert self._signer is not None
-        try:
-            self._chain = open_chain(config.chain, config.netuid)
-        except ValueError as exc:
-            raise StartupError(f"--chain: {exc}") from exc
-        shims: ShimDirectory = (
+        assert self._chain is not None
+        shims = (
             ShimEndpointsFile(Path(config.shim_endpoints_file))
             if config.shim_endpoints_file
             else NoShims()
@@ -250,9 +314,105 @@ class Master:
             },
         )
 
+    def _prepare_edge(self, engine: AsyncEngine) -> None:
+        """The edge's gRPC services, registered before the server starts."""
+        config = self.config
+        self._xds = XdsServer()
+        self._nonces = NonceStore(engine)
+        self._hotkeys = RegisteredHotkeys(self._chain if self._chain is not None else _NoChain())
+        self._authz = AuthzService(
+            self._nonces,
+            self._hotkeys,
+            receiver_ss58=self._signer.ss58_address if self._signer is not None else None,
+            max_age=config.edge_signature_max_age,
+        )
+
+    async def _start_edge(self, host: str) -> None:
+        """First configuration, the loop that follows the registry, the local Envoy."""
+        config = self.config
+        assert self._feed is not None
+        assert self._xds is not None
+        assert self._edge_token
+        listen_host, listen_port = parse_host_port(config.edge_listen, "--edge-listen")
+        reachable = _reachable(host)
+        if config.edge_authz_address:
+            authz_host, authz_port = parse_host_port(
+                config.edge_authz_address, "--edge-authz-address"
+            )
+        else:
+            authz_host, authz_port = reachable, self.port
+        placement = (
+            ShimEndpointsFile(Path(config.shim_endpoints_file))
+            if config.shim_endpoints_file
+            else NoShims()
+        )
+        self.edge = EdgeController(
+            self._feed,
+            placement,
+            self._xds,
+            EdgeSettings(
+                listen_host=listen_host,
+                listen_port=listen_port,
+                authz_host=authz_host,
+                authz_port=authz_port,
+                edge_token=self._edge_token,
+            ),
+            EdgeLimits(
+                rate_per_hotkey_per_minute=config.edge_rate_per_hotkey,
+                rate_per_ip_per_minute=config.edge_rate_per_ip,
+                max_request_body_bytes=config.edge_max_body_bytes,
+                request_timeout_seconds=config.edge_timeout,
+            ),
+        )
+        await self.edge.start()
+        self._edge_task = asyncio.create_task(self.edge.run_forever(), name="edge")
+        assert self._nonces is not None
+        self._prune_task = asyncio.create_task(self._prune_nonces(self._nonces), name="nonces")
+        if config.edge_envoy:
+            await self._start_envoy(reachable)
+
+    async def _start_envoy(self, xds_host: str) -> None:
+        config = self.config
+        assert self._edge_token is not None
+        admin_host, admin_port = parse_host_port(config.edge_admin_listen, "--edge-admin-listen")
+        bootstrap = render_bootstrap(
+            node_id=f"platform-master-{os.getpid()}",
+            admin_host=admin_host,
+            admin_port=admin_port,
+            xds_host=xds_host,
+            xds_port=self.port,
+            edge_token=self._edge_token,
+        )
+        envoy = EnvoyProcess(
+            bootstrap,
+            work_dir=Path(config.edge_envoy_dir) if config.edge_envoy_dir else None,
+            log_level="warning" if config.log_level != "debug" else "info",
+        )
+        try:
+            await envoy.start()
+            await envoy.wait_ready(timeout=30.0)
+        except Exception as exc:
+            await envoy.stop()
+            raise StartupError(f"--edge-envoy: Envoy did not start: {exc}") from exc
+        self.envoy = envoy
+        log.info(
+            "edge serving",
+            extra={"edge": config.edge_listen, "envoy_pid": envoy.pid, "admin": envoy.admin},
+        )
+
+    async def _prune_nonces(self, nonces: NonceStore) -> None:
+        while True:
+            await asyncio.sleep(max(self.config.edge_signature_max_age, 5.0))
+            try:
+                await nonces.prune(datetime.now(UTC))
+            except Exception:
+                log.exception("pruning expired miner nonces failed; will retry")
+
     async def stop(self) -> None:
         log.info("master shutting down", extra={"grace_seconds": self.config.shutdown_grace})
-        for task in (self._compactor, self._epoch_task):
+        if self.envoy is not None:
+            await self.envoy.stop()
+        for task in (self._compactor, self._epoch_task, self._edge_task, self._prune_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -263,6 +423,8 @@ class Master:
             self._metrics.stop()
         if self._collector is not None:
             await self._collector.close()
+        if self._hotkeys is not None:
+            await self._hotkeys.close()
         if self._chain is not None:
             await self._chain.close()
         if self._engine is not None:
@@ -305,6 +467,37 @@ async def serve(config: MasterConfig) -> None:
     finally:
         await master.stop()
     # A StartupError from start() propagates to the caller with nothing left running.
+
+
+class EdgeToken:
+    """AUTH_POLICY_EDGE: the platform's Envoy, with ``authorization: Bearer <edge token>``."""
+
+    def __init__(self, token: str) -> None:
+        self._digest = tokens.digest(token)
+
+    async def __call__(self, method: str, metadata: rpc.Metadata) -> rpc.Caller:
+        presented = tokens.bearer(metadata)
+        if presented is None:
+            raise rpc.Unauthenticated(
+                "missing credentials: send metadata 'authorization: Bearer <edge token>'",
+                reason="missing",
+            )
+        if not tokens.matches(presented, self._digest):
+            raise rpc.Unauthenticated("invalid edge token", reason="invalid_token")
+        return rpc.Caller("edge")
+
+
+class _NoChain:
+    """Stands for the chain when none is configured: signed routes answer 503."""
+
+    async def metagraph(self, block: int | None = None) -> Any:
+        raise ConnectionError("no chain configured (--chain): cannot check miners' hotkeys")
+
+
+def _reachable(host: str) -> str:
+    """An address a local client can dial for a listen host (wildcards -> loopback)."""
+    wildcards = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}  # noqa: S104
+    return wildcards.get(host, host)
 
 
 class ChallengeTokens:

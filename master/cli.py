@@ -1,4 +1,4 @@
-"""``platform master`` and ``platform db``: command-line entry points of the master."""
+"""``platform master``, ``platform db`` and ``platform edge``: entry points of the master."""
 
 from __future__ import annotations
 
@@ -47,6 +47,63 @@ def register_db(subparsers: Any) -> None:
             help="database URL (env PLATFORM_DATABASE_URL; default: the master's default)",
         )
         sub.set_defaults(func=run_db)
+
+
+def register_edge(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "edge",
+        help="the Envoy edge: render the bootstrap of an Envoy run on its own",
+        description="Tools for an Envoy edge that runs on its own (not started by the master "
+        "with --edge-envoy), e.g. in Kubernetes.",
+    )
+    actions = parser.add_subparsers(dest="edge_action", required=True, metavar="ACTION")
+    text = (
+        "print the Envoy bootstrap pointing at a master's xDS (the edge token comes from "
+        "PLATFORM_EDGE_TOKEN or --edge-token-file)"
+    )
+    sub = actions.add_parser("bootstrap", help=text, description=text)
+    sub.add_argument("--xds", required=True, metavar="HOST:PORT", help="the master's gRPC address")
+    sub.add_argument("--node-id", required=True, metavar="ID", help="this Envoy's node id")
+    sub.add_argument(
+        "--admin", default="127.0.0.1:9901", metavar="HOST:PORT", help="Envoy's admin address"
+    )
+    sub.add_argument("--edge-token-file", default="", metavar="PATH")
+    sub.set_defaults(func=run_edge_bootstrap)
+
+
+def run_edge_bootstrap(args: argparse.Namespace) -> int:
+    import os
+
+    from master.edge.proxy import render_bootstrap
+    from platform_common.config import ConfigError, parse_host_port, secret_token
+
+    try:
+        token = secret_token(
+            os.environ.get("PLATFORM_EDGE_TOKEN", ""),
+            args.edge_token_file,
+            env="PLATFORM_EDGE_TOKEN",
+            flag="--edge-token-file",
+            what="edge token",
+            min_length=16,
+            hint="the same token the master is given",
+        )
+        xds_host, xds_port = parse_host_port(args.xds, "--xds")
+        admin_host, admin_port = parse_host_port(args.admin, "--admin")
+        print(
+            render_bootstrap(
+                node_id=args.node_id,
+                admin_host=admin_host,
+                admin_port=admin_port,
+                xds_host=xds_host,
+                xds_port=xds_port,
+                edge_token=token,
+            ),
+            end="",
+        )
+    except (ConfigError, ValueError, OSError) as exc:
+        print(f"platform edge bootstrap: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def run_master(args: argparse.Namespace) -> int:

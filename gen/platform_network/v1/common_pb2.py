@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import descriptor_pb2 as google_dot_protobuf_dot_descriptor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n platform_network/v1/common.proto\x12\x13platform_network.v1\x1a google/protobuf/descriptor.proto\"I\n\x0bWatchCursor\x12\x14\n\x0cserver_epoch\x18\x01 \x01(\t\x12\x12\n\nhistory_id\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\"F\n\tResources\x12\x0b\n\x03\x63pu\x18\x01 \x01(\t\x12\x0e\n\x06memory\x18\x02 \x01(\t\x12\x0b\n\x03gpu\x18\x03 \x01(\r\x12\x0f\n\x07storage\x18\x04 \x01(\t\"p\n\x0bScalarValue\x12\x16\n\x0cstring_value\x18\x01 \x01(\tH\x00\x12\x13\n\tint_value\x18\x02 \x01(\x03H\x00\x12\x16\n\x0c\x64ouble_value\x18\x03 \x01(\x01H\x00\x12\x14\n\nbool_value\x18\x04 \x01(\x08H\x00\x42\x06\n\x04kind*\xa6\x01\n\nAuthPolicy\x12\x1b\n\x17\x41UTH_POLICY_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41UTH_POLICY_PUBLIC\x10\x01\x12\x15\n\x11\x41UTH_POLICY_ADMIN\x10\x02\x12\x19\n\x15\x41UTH_POLICY_VALIDATOR\x10\x03\x12\x19\n\x15\x41UTH_POLICY_CHALLENGE\x10\x04\x12\x16\n\x12\x41UTH_POLICY_MASTER\x10\x05*\xaf\x01\n\x0eSnapshotReason\x12\x1f\n\x1bSNAPSHOT_REASON_UNSPECIFIED\x10\x00\x12\x1b\n\x17SNAPSHOT_REASON_INITIAL\x10\x01\x12$\n SNAPSHOT_REASON_UNKNOWN_REVISION\x10\x02\x12\x1d\n\x19SNAPSHOT_REASON_COMPACTED\x10\x03\x12\x1a\n\x16SNAPSHOT_REASON_LAGGED\x10\x04:O\n\x04\x61uth\x12\x1e.google.protobuf.MethodOptions\x18\xb9\x8e\x03 \x01(\x0e\x32\x1f.platform_network.v1.AuthPolicyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n platform_network/v1/common.proto\x12\x13platform_network.v1\x1a google/protobuf/descriptor.proto\"I\n\x0bWatchCursor\x12\x14\n\x0cserver_epoch\x18\x01 \x01(\t\x12\x12\n\nhistory_id\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\"F\n\tResources\x12\x0b\n\x03\x63pu\x18\x01 \x01(\t\x12\x0e\n\x06memory\x18\x02 \x01(\t\x12\x0b\n\x03gpu\x18\x03 \x01(\r\x12\x0f\n\x07storage\x18\x04 \x01(\t\"p\n\x0bScalarValue\x12\x16\n\x0cstring_value\x18\x01 \x01(\tH\x00\x12\x13\n\tint_value\x18\x02 \x01(\x03H\x00\x12\x16\n\x0c\x64ouble_value\x18\x03 \x01(\x01H\x00\x12\x14\n\nbool_value\x18\x04 \x01(\x08H\x00\x42\x06\n\x04kind*\xbc\x01\n\nAuthPolicy\x12\x1b\n\x17\x41UTH_POLICY_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41UTH_POLICY_PUBLIC\x10\x01\x12\x15\n\x11\x41UTH_POLICY_ADMIN\x10\x02\x12\x19\n\x15\x41UTH_POLICY_VALIDATOR\x10\x03\x12\x19\n\x15\x41UTH_POLICY_CHALLENGE\x10\x04\x12\x16\n\x12\x41UTH_POLICY_MASTER\x10\x05\x12\x14\n\x10\x41UTH_POLICY_EDGE\x10\x06*\xaf\x01\n\x0eSnapshotReason\x12\x1f\n\x1bSNAPSHOT_REASON_UNSPECIFIED\x10\x00\x12\x1b\n\x17SNAPSHOT_REASON_INITIAL\x10\x01\x12$\n SNAPSHOT_REASON_UNKNOWN_REVISION\x10\x02\x12\x1d\n\x19SNAPSHOT_REASON_COMPACTED\x10\x03\x12\x1a\n\x16SNAPSHOT_REASON_LAGGED\x10\x04:O\n\x04\x61uth\x12\x1e.google.protobuf.MethodOptions\x18\xb9\x8e\x03 \x01(\x0e\x32\x1f.platform_network.v1.AuthPolicyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,9 +33,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'platform_network.v1.common_
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_AUTHPOLICY']._serialized_start=353
-  _globals['_AUTHPOLICY']._serialized_end=519
-  _globals['_SNAPSHOTREASON']._serialized_start=522
-  _globals['_SNAPSHOTREASON']._serialized_end=697
+  _globals['_AUTHPOLICY']._serialized_end=541
+  _globals['_SNAPSHOTREASON']._serialized_start=544
+  _globals['_SNAPSHOTREASON']._serialized_end=719
   _globals['_WATCHCURSOR']._serialized_start=91
   _globals['_WATCHCURSOR']._serialized_end=164
   _globals['_RESOURCES']._serialized_start=166

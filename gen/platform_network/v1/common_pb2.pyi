@@ -67,6 +67,11 @@ class _AuthPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuthPolicy
     """
     AUTH_POLICY_MASTER: _AuthPolicy.ValueType  # 5
     """The master calling a challenge shim with that challenge's token."""
+    AUTH_POLICY_EDGE: _AuthPolicy.ValueType  # 6
+    """The platform's own Envoy fetching its configuration (xDS) and asking the
+    master to authenticate miners (ext_authz): metadata
+    `authorization: Bearer <edge token>`.
+    """
 
 class AuthPolicy(_AuthPolicy, metaclass=_AuthPolicyEnumTypeWrapper):
     """Who may call a method. Declared on every RPC with `option (auth) = ...`."""
@@ -88,6 +93,11 @@ issued by Registry.CreateChallenge / RotateChallengeToken.
 """
 AUTH_POLICY_MASTER: AuthPolicy.ValueType  # 5
 """The master calling a challenge shim with that challenge's token."""
+AUTH_POLICY_EDGE: AuthPolicy.ValueType  # 6
+"""The platform's own Envoy fetching its configuration (xDS) and asking the
+master to authenticate miners (ext_authz): metadata
+`authorization: Bearer <edge token>`.
+"""
 Global___AuthPolicy: _TypeAlias = AuthPolicy  # noqa: Y015
 
 class _SnapshotReason:

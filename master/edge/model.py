@@ -1,0 +1,105 @@
+"""What the edge translator reads and writes: plain, immutable values.
+
+The translator (``master.edge.translate``) turns an :class:`EdgeState` into
+:class:`EdgeResources`; the xDS server (``master.edge.xds``) serves those; the
+composition root builds :class:`EdgeState` from the registry and the placement
+of each challenge's public endpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# Headers only the platform may set. Stripped from every inbound request before
+# any other filter runs; the verified identity ones are then set by ext_authz.
+VERIFIED_HOTKEY_HEADER = "x-platform-verified-hotkey"
+VERIFIED_UID_HEADER = "x-platform-verified-uid"
+PLATFORM_ONLY_HEADERS = (
+    VERIFIED_HOTKEY_HEADER,
+    VERIFIED_UID_HEADER,
+    "x-platform-challenge",
+    "x-platform-challenge-slug",
+    "x-platform-edge",
+)
+
+# Paths refused at the edge for every challenge, in addition to its own list.
+BUILTIN_BLOCKED_PREFIXES = ("/internal", "/health", "/version")
+
+# Public path scheme: /challenges/{slug}/... is rewritten to /... upstream.
+PUBLIC_PREFIX = "/challenges/"
+
+# Names of the resources the translator emits (stable: Envoy and tests rely on them).
+LISTENER_NAME = "edge_http"
+ROUTE_CONFIG_NAME = "edge_routes"
+AUTHZ_CLUSTER = "platform_authz"
+
+
+def cluster_name(slug: str) -> str:
+    return f"challenge_{slug}"
+
+
+@dataclass(frozen=True)
+class EdgeLimits:
+    """Per-challenge limits with the platform defaults already applied (all > 0)."""
+
+    rate_per_hotkey_per_minute: int
+    rate_per_ip_per_minute: int
+    max_request_body_bytes: int
+    request_timeout_seconds: int
+
+
+@dataclass(frozen=True)
+class EdgeChallenge:
+    """One ACTIVE challenge with a public API and a known public endpoint."""
+
+    slug: str
+    upstream_host: str
+    upstream_port: int
+    limits: EdgeLimits
+    # Relative to the challenge root, start with "/", matched by whole segment,
+    # case-insensitively. Built-in prefixes are not repeated here.
+    blocked_path_prefixes: tuple[str, ...] = ()
+    # "/" means every route of the challenge needs a signed request.
+    signed_path_prefixes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class EdgeSettings:
+    """Deployment-wide settings of the edge (from the master's configuration)."""
+
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8080
+    # Where Envoy reaches the master's gRPC server for ext_authz.
+    authz_host: str = "127.0.0.1"
+    authz_port: int = 50051
+    # Bearer token Envoy presents to the master (xDS and ext_authz).
+    edge_token: str = ""
+    authz_timeout_ms: int = 1000
+    # Upper bound on distinct client addresses / hotkeys tracked per route.
+    max_rate_limit_keys: int = 20000
+    connect_timeout_ms: int = 1000
+
+
+@dataclass(frozen=True)
+class EdgeState:
+    """Input of the translator: everything the edge config depends on."""
+
+    settings: EdgeSettings
+    # Sorted by slug by whoever builds it; the translator sorts again anyway.
+    challenges: tuple[EdgeChallenge, ...] = ()
+
+
+@dataclass(frozen=True)
+class EdgeResources:
+    """Output of the translator: protobuf messages, by xDS resource type.
+
+    Each tuple holds messages of one type (``Cluster``,
+    ``ClusterLoadAssignment``, ``Listener``, ``RouteConfiguration``), sorted by
+    name, so equal states give byte-identical resources.
+    """
+
+    clusters: tuple[Any, ...] = field(default=())
+    endpoints: tuple[Any, ...] = field(default=())
+    listeners: tuple[Any, ...] = field(default=())
+    routes: tuple[Any, ...] = field(default=())

@@ -1,0 +1,84 @@
+"""Replay protection for signed miner requests, shared by every master replica.
+
+``bittensor.http_auth`` refuses a request whose nonce is outside the freshness
+window, but inside the window a captured request could be sent again. Its own
+nonce store is per process; the edge can route two copies of one request to
+two different master replicas, so the accepted ``(hotkey, nonce)`` pairs live
+in the control-plane database instead. A claim is a single INSERT that the
+primary key lets through once: no read-then-write race between replicas, and
+no extra round trip on the hot path. ``ON CONFLICT DO NOTHING`` turns a
+duplicate into "no row inserted" rather than an error, so a flood of replays
+costs no exception handling and no error lines in the PostgreSQL log.
+
+Rows are only needed while their nonce could still pass the freshness check;
+:meth:`NonceStore.prune` deletes the expired ones. Pruning is this module's
+job too: the master runs :meth:`NonceStore.prune_forever` as a background task
+(several replicas may run it at once; deleting is idempotent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import delete
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from master.db.models import EdgeNonceRow
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PRUNE_INTERVAL = 60.0
+
+
+class NonceStore:
+    """The ``edge_nonces`` table: claim a nonce once, forget it after it expires."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        # Built once: the hot path only binds parameters to a cached statement.
+        self._claim: Any
+        if engine.dialect.name == "postgresql":
+            self._claim = postgresql.insert(EdgeNonceRow).on_conflict_do_nothing()
+        else:
+            self._claim = sqlite.insert(EdgeNonceRow).on_conflict_do_nothing()
+
+    async def claim(self, hotkey: str, nonce_ns: int, expire_time: datetime) -> bool:
+        """Record ``(hotkey, nonce_ns)``; True if this is its first use, False for a replay.
+
+        Correct with any number of writers on one database: the primary key decides.
+        ``expire_time`` must be timezone-aware; the row may be pruned after it.
+        """
+        row = {"hotkey": hotkey, "nonce": nonce_ns, "expire_time": expire_time.astimezone(UTC)}
+        async with self._engine.begin() as conn:
+            result = await conn.execute(self._claim, row)
+        return bool(result.rowcount == 1)
+
+    async def prune(self, now: datetime) -> int:
+        """Delete the nonces that expired at or before ``now``; how many were deleted."""
+        statement = delete(EdgeNonceRow).where(EdgeNonceRow.expire_time <= now.astimezone(UTC))
+        async with self._engine.begin() as conn:
+            result = await conn.execute(statement)
+        return int(result.rowcount or 0)
+
+    async def prune_forever(self, interval: float = DEFAULT_PRUNE_INTERVAL) -> None:
+        """Prune expired nonces every ``interval`` seconds until cancelled.
+
+        A failed prune is logged and retried at the next interval; expired rows
+        left behind cost space, never correctness.
+        """
+        if interval <= 0:
+            raise ValueError("interval: must be > 0 seconds")
+        while True:
+            try:
+                deleted = await self.prune(datetime.now(UTC))
+            except (SQLAlchemyError, OSError) as exc:
+                log.warning("edge nonce prune failed", extra={"error": str(exc)})
+            else:
+                if deleted:
+                    log.debug("edge nonces pruned", extra={"deleted": deleted})
+            await asyncio.sleep(interval)

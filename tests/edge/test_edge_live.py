@@ -1,0 +1,345 @@
+"""The edge end to end: a real Envoy configured over xDS by a real master.
+
+The master runs in this process (its event loop serves xDS and ext_authz); the
+Envoy is a real process started on the bootstrap the master renders, and the
+challenges' public APIs are the recording upstream of ``envoy_support``.
+Requests go out from worker threads so the event loop keeps serving Envoy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from google.protobuf import field_mask_pb2
+from prometheus_client import REGISTRY
+
+from master.edge.model import VERIFIED_HOTKEY_HEADER, VERIFIED_UID_HEADER, EdgeResources
+from master.edge.proxy import EnvoyProcess, render_bootstrap
+from platform_common.chain import LocalSubnet
+from platform_common.chain.local import dev_keypair
+from platform_common.miner import signed_headers
+from platform_network.v1 import registry_pb2
+from tests.edge.envoy_support import RawResponse, UpstreamServer, free_port, raw_request
+from tests.helpers import ACTIVE, INACTIVE, create, set_status
+from tests.support.master import ADMIN, RunningMaster, start_master
+
+pytestmark = pytest.mark.process
+
+EDGE_TOKEN = "edge-token-for-tests-0123456789"
+MASTER_KEY = "//platform-test/master"
+CONVERGE_SECONDS = 15.0
+
+
+@dataclass
+class Edge:
+    tmp: Path
+    database_url: str
+    subnet_url: str
+    master_port: int
+    port: int
+    upstream: UpstreamServer
+    running: RunningMaster
+    envoy: EnvoyProcess
+
+    async def get(self, target: str, **kwargs: Any) -> RawResponse:
+        return await asyncio.to_thread(raw_request, self.port, target, **kwargs)
+
+    async def until(
+        self, target: str, done: Callable[[RawResponse], bool], **kwargs: Any
+    ) -> RawResponse:
+        """Request ``target`` until ``done`` holds (the edge converged), bounded."""
+        deadline = time.monotonic() + CONVERGE_SECONDS
+        while True:
+            answer = await self.get(target, **kwargs)
+            if done(answer) or time.monotonic() > deadline:
+                return answer
+            await asyncio.sleep(0.05)
+
+    async def start_master(self) -> None:
+        self.running = await start_master(
+            self.database_url,
+            listen=f"127.0.0.1:{self.master_port}",
+            chain=self.subnet_url,
+            hotkey=MASTER_KEY,
+            epochs=False,
+            edge_listen=f"127.0.0.1:{self.port}",
+            edge_token=EDGE_TOKEN,
+            shim_endpoints_file=str(self.tmp / "placement.json"),
+        )
+
+
+async def _activate(edge: Edge, slug: str, **routes: Any) -> None:
+    await create(
+        edge.running.registry, slug, 0.1, routes=registry_pb2.PublicRoutes(public_port=80, **routes)
+    )
+    await set_status(edge.running.registry, slug, ACTIVE)
+
+
+@pytest.fixture
+async def edge(tmp_path: Path) -> AsyncIterator[Edge]:
+    subnet_path = tmp_path / "chain.json"
+    LocalSubnet.create(subnet_path, netuid=1, neurons=8, validators=2, manual_blocks=True)
+    upstream = UpstreamServer().start()
+    address = f"127.0.0.1:{upstream.port}"
+    (tmp_path / "placement.json").write_text(
+        json.dumps({slug: {"public": address} for slug in ("echo", "vault", "other")})
+    )
+    master_port = free_port()
+    edge = Edge(
+        tmp=tmp_path,
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'platform.db'}",
+        subnet_url=f"local+file:{subnet_path}",
+        master_port=master_port,
+        port=free_port(),
+        upstream=upstream,
+        running=None,  # type: ignore[arg-type]
+        envoy=EnvoyProcess(
+            render_bootstrap(
+                node_id="edge-test",
+                admin_host="127.0.0.1",
+                admin_port=0,
+                xds_host="127.0.0.1",
+                xds_port=master_port,
+                edge_token=EDGE_TOKEN,
+            ),
+            work_dir=tmp_path / "envoy",
+            log_level="warning",
+        ),
+    )
+    try:
+        await edge.start_master()
+        await edge.envoy.start()
+        await edge.envoy.wait_ready(timeout=CONVERGE_SECONDS)
+        yield edge
+    finally:
+        await edge.envoy.stop()
+        if edge.running is not None:
+            await edge.running.close()
+        upstream.stop()
+
+
+async def test_a_route_follows_the_registry_live(edge: Edge) -> None:
+    await create(
+        edge.running.registry, "echo", 0.1, routes=registry_pb2.PublicRoutes(public_port=80)
+    )
+    # DRAFT: not routed.
+    assert (await edge.get("/challenges/echo/hello")).status == 404
+
+    await set_status(edge.running.registry, "echo", ACTIVE)
+    served = await edge.until("/challenges/echo/hello?x=1", lambda r: r.status == 200)
+    assert served.status == 200, served.body
+    assert served.json()["path"] == "/hello?x=1"
+
+    # Updated live: a new blocked prefix is refused at the edge.
+    await edge.running.registry.UpdateChallenge(
+        registry_pb2.UpdateChallengeRequest(
+            slug="echo",
+            challenge=registry_pb2.ChallengeSpec(
+                routes=registry_pb2.PublicRoutes(public_port=80, blocked_path_prefixes=["/hello"])
+            ),
+            update_mask=field_mask_pb2.FieldMask(paths=["routes"]),
+        ),
+        metadata=ADMIN,
+    )
+    refused = await edge.until("/challenges/echo/hello", lambda r: r.status == 403)
+    assert refused.status == 403
+    arrived = edge.upstream.paths().count("/hello")
+    assert (await edge.get("/challenges/echo/hello/again")).status == 403
+    assert (await edge.get("/challenges/echo/other")).status == 200
+    assert edge.upstream.paths().count("/hello") == arrived
+    assert "/hello/again" not in edge.upstream.paths()
+
+    await set_status(edge.running.registry, "echo", INACTIVE)
+    gone = await edge.until("/challenges/echo/other", lambda r: r.status == 404)
+    assert gone.status == 404
+
+
+async def test_envoy_keeps_the_last_config_while_the_master_is_down_then_converges(
+    edge: Edge,
+) -> None:
+    await _activate(edge, "echo")
+    assert (await edge.until("/challenges/echo/a", lambda r: r.status == 200)).status == 200
+    xds = edge.running.master._xds
+    assert xds is not None
+    version = xds.version
+
+    await edge.running.close()
+    edge.running = None  # type: ignore[assignment]
+    # The master is gone: Envoy serves on the config it has.
+    for _ in range(5):
+        assert (await edge.get("/challenges/echo/a")).status == 200
+
+    await edge.start_master()
+    restarted = edge.running.master._xds
+    assert restarted is not None
+    # Versions are hashes of the content: the same registry gives the same version.
+    assert restarted.version == version
+    await _activate(edge, "other")
+    served = await edge.until("/challenges/other/b", lambda r: r.status == 200)
+    assert served.status == 200
+    assert (await edge.get("/challenges/echo/a")).status == 200
+    assert any(s.node_id == "edge-test" for s in restarted.streams())
+
+
+async def test_an_invalid_config_is_nacked_and_traffic_stays_on_the_last_good_one(
+    edge: Edge,
+) -> None:
+    await _activate(edge, "echo")
+    assert (await edge.until("/challenges/echo/a", lambda r: r.status == 200)).status == 200
+    controller = edge.running.master.edge
+    assert controller is not None
+    translate = controller.translate
+
+    def broken(state: Any) -> EdgeResources:
+        resources = translate(state)
+        routes = resources.routes[0].__class__()
+        routes.CopyFrom(resources.routes[0])
+        bad = routes.virtual_hosts[0].routes.add()
+        bad.match.safe_regex.regex = "(unclosed"
+        bad.direct_response.status = 200
+        return EdgeResources(
+            resources.clusters, resources.endpoints, resources.listeners, (routes,)
+        )
+
+    def nacks() -> float:
+        return REGISTRY.get_sample_value("platform_xds_nacks_total", {"type": "route"}) or 0.0
+
+    before = nacks()
+    controller.translate = broken
+    await _activate(edge, "other")
+    deadline = time.monotonic() + CONVERGE_SECONDS
+    while nacks() == before and time.monotonic() < deadline:  # noqa: ASYNC110 - polls a metric
+        await asyncio.sleep(0.05)
+    assert nacks() == before + 1
+    xds = edge.running.master._xds
+    assert xds is not None
+    stream = next(s for s in xds.streams() if s.node_id == "edge-test")
+    assert "unclosed" in stream.types["route"].nack_message
+    # The previous config stays in force: echo serves, other was never routed.
+    assert (await edge.get("/challenges/echo/a")).status == 200
+    assert (await edge.get("/challenges/other/a")).status == 404
+    # Not pushed again in a loop.
+    await asyncio.sleep(0.5)
+    assert nacks() == before + 1
+
+    # The next change translates correctly again and goes through.
+    controller.translate = translate
+    await _activate(edge, "vault")
+    served = await edge.until("/challenges/vault/a", lambda r: r.status == 200)
+    assert served.status == 200
+    assert (await edge.get("/challenges/other/a")).status == 200
+
+
+# -- miners signing requests ------------------------------------------------------------------
+
+MINER_UID = 3
+
+
+def _miner(uid: int = MINER_UID) -> Any:
+    return dev_keypair("hotkey", uid)
+
+
+async def _signed_edge(edge: Edge) -> None:
+    await _activate(edge, "vault", signed_path_prefixes=["/submit"])
+    ready = await edge.until("/challenges/vault/task", lambda r: r.status == 200)
+    assert ready.status == 200
+
+
+async def _post(edge: Edge, target: str, body: bytes, headers: dict[str, str]) -> RawResponse:
+    return await edge.get(target, method="POST", body=body, headers=headers)
+
+
+def _seen_by_upstream(edge: Edge, body: bytes) -> list[dict[str, str]]:
+    return [r.headers for r in edge.upstream.requests() if r.body == body]
+
+
+async def test_a_signed_request_reaches_the_challenge_with_the_verified_identity(
+    edge: Edge,
+) -> None:
+    await _signed_edge(edge)
+    miner = _miner()
+    body = b'{"task_id": 1, "answer": 7}'
+    target = "/challenges/vault/submit?round=2"
+    headers = signed_headers(miner, "POST", target, body)
+    # Whatever the client claims about itself is replaced by what the edge verified.
+    headers[VERIFIED_HOTKEY_HEADER] = _miner(5).ss58_address
+    headers[VERIFIED_UID_HEADER] = "5"
+    answer = await _post(edge, target, body, headers)
+    assert answer.status == 200, answer.body
+    assert answer.json()["path"] == "/submit?round=2"
+    seen = _seen_by_upstream(edge, body)
+    assert len(seen) == 1
+    assert seen[0][VERIFIED_HOTKEY_HEADER] == miner.ss58_address
+    assert seen[0][VERIFIED_UID_HEADER] == str(MINER_UID)
+
+
+@pytest.mark.parametrize(
+    ("case", "status", "reason"),
+    [
+        ("unsigned", 401, "missing_signature"),
+        ("forged", 401, "bad_signature"),
+        ("tampered_body", 401, "bad_signature"),
+        ("stale", 401, "stale"),
+        ("unregistered", 403, "not_registered"),
+    ],
+)
+async def test_bad_signed_requests_are_refused_at_the_edge(
+    edge: Edge, case: str, status: int, reason: str
+) -> None:
+    await _signed_edge(edge)
+    target = "/challenges/vault/submit"
+    body = f'{{"case": "{case}"}}'.encode()
+    headers: dict[str, str] = {}
+    if case == "forged":
+        # Signed by uid 4, claiming to be uid 3.
+        headers = signed_headers(_miner(4), "POST", target, body)
+        headers["X-Bittensor-Hotkey"] = _miner().ss58_address
+    elif case == "tampered_body":
+        headers = signed_headers(_miner(), "POST", target, b'{"case": "original"}')
+    elif case == "stale":
+        miner = _miner()
+        old = time.time_ns() - 60 * 1_000_000_000
+        from bittensor import http_auth
+
+        headers = dict(http_auth.sign(miner, method="POST", path=target, body=body, nonce_ns=old))
+    elif case == "unregistered":
+        headers = signed_headers(dev_keypair("hotkey", 999), "POST", target, body)
+    answer = await _post(edge, target, body, headers)
+    assert answer.status == status, answer.body
+    assert answer.headers.get("x-platform-auth-error") == reason
+    assert answer.json()["reason"] == reason
+    assert _seen_by_upstream(edge, body) == []
+
+
+async def test_a_replayed_request_is_refused_with_409(edge: Edge) -> None:
+    await _signed_edge(edge)
+    target = "/challenges/vault/submit"
+    body = b'{"replay": true}'
+    headers = signed_headers(_miner(), "POST", target, body)
+    first = await _post(edge, target, body, headers)
+    assert first.status == 200, first.body
+    again = await _post(edge, target, body, headers)
+    assert again.status == 409, again.body
+    assert again.json()["reason"] == "replayed"
+    assert len(_seen_by_upstream(edge, body)) == 1
+
+
+async def test_spoofed_identity_headers_never_reach_an_unsigned_route(edge: Edge) -> None:
+    await _signed_edge(edge)
+    spoofed = {
+        VERIFIED_HOTKEY_HEADER: _miner().ss58_address,
+        VERIFIED_UID_HEADER: str(MINER_UID),
+        "X-Platform-Challenge": "vault",
+    }
+    answer = await edge.get("/challenges/vault/task?spoof=1", headers=spoofed)
+    assert answer.status == 200
+    seen = [r.headers for r in edge.upstream.requests() if r.path == "/task?spoof=1"]
+    assert len(seen) == 1
+    assert not any(name.startswith("x-platform-") for name in seen[0])

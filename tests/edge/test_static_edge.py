@@ -1,0 +1,520 @@
+"""The translated edge in a real Envoy, run from a static bootstrap (no master).
+
+What the edge promises is Envoy's behaviour on the wire, not the shape of its config: these
+tests send real requests (raw request-targets, so no client library normalizes anything) and
+look at both sides, what the client got and what the recording upstream received. The
+ext_authz cluster points at a closed port except in the last group, where a stub
+authorization service stands in for the master to exercise the per-hotkey limits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import urllib.parse
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from master.edge.model import (
+    PLATFORM_ONLY_HEADERS,
+    VERIFIED_HOTKEY_HEADER,
+    EdgeChallenge,
+    EdgeLimits,
+    EdgeSettings,
+    EdgeState,
+)
+from master.edge.translate import static_bootstrap, translate
+from tests.edge.envoy_support import (
+    RawResponse,
+    StaticEnvoy,
+    StubAuthz,
+    UpstreamServer,
+    free_port,
+    raw_request,
+    raw_request_bytes,
+)
+
+BODY_LIMIT = 1024
+IP_LIMIT = 3
+HOTKEY_LIMIT = 2
+GENEROUS = 100_000
+CUSTOM_BLOCKED = ("/admin", "/debug")
+BLOCKED_NAMES = frozenset({"internal", "health", "version", "admin", "debug"})
+EDGE_TOKEN = "test-edge-token"
+
+
+def _limits(*, ip: int = GENEROUS, hotkey: int = GENEROUS) -> EdgeLimits:
+    return EdgeLimits(
+        rate_per_hotkey_per_minute=hotkey,
+        rate_per_ip_per_minute=ip,
+        max_request_body_bytes=BODY_LIMIT,
+        request_timeout_seconds=30,
+    )
+
+
+@dataclass(frozen=True)
+class Edge:
+    envoy: StaticEnvoy
+    upstream: UpstreamServer
+    port: int
+
+    def get(
+        self,
+        target: str,
+        *,
+        method: str = "GET",
+        headers: dict[str, str] | None = None,
+        body: bytes | None = None,
+        source_ip: str | None = None,
+    ) -> RawResponse:
+        return raw_request(
+            self.port, target, method=method, headers=headers, body=body, source_ip=source_ip
+        )
+
+
+@contextlib.contextmanager
+def _run_edge(state: EdgeState, workdir: Path, upstream: UpstreamServer) -> Iterator[Edge]:
+    bootstrap = static_bootstrap(translate(state), admin_host="127.0.0.1", admin_port=free_port())
+    envoy = StaticEnvoy(bootstrap, workdir)
+    envoy.start()
+    try:
+        yield Edge(envoy, upstream, state.settings.listen_port)
+    finally:
+        envoy.stop()
+
+
+@pytest.fixture(scope="module")
+def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
+    upstream = UpstreamServer().start()
+    try:
+        up = ("127.0.0.1", upstream.port)
+        state = EdgeState(
+            # Nothing listens on the authz port: signed routes must fail closed.
+            settings=EdgeSettings(
+                listen_port=free_port(), authz_port=free_port(), edge_token=EDGE_TOKEN
+            ),
+            challenges=(
+                EdgeChallenge("open", *up, _limits(), blocked_path_prefixes=CUSTOM_BLOCKED),
+                EdgeChallenge("limited", *up, _limits(ip=IP_LIMIT)),
+                EdgeChallenge("down", "127.0.0.1", free_port(), _limits()),
+                EdgeChallenge("signed", *up, _limits(), signed_path_prefixes=("/",)),
+                EdgeChallenge("partial", *up, _limits(), signed_path_prefixes=("/submit",)),
+            ),
+        )
+        with _run_edge(state, tmp_path_factory.mktemp("static-edge"), upstream) as edge:
+            yield edge
+    finally:
+        upstream.stop()
+
+
+def _json(response: RawResponse) -> object:
+    assert response.headers.get("content-type") == "application/json", response.headers
+    return json.loads(response.body)
+
+
+# ---------------------------------------------------------------------------------------------
+# Routing
+
+
+@pytest.mark.parametrize(
+    ("target", "upstream_path"),
+    [
+        ("/challenges/open/api/items?page=2", "/api/items?page=2"),
+        ("/challenges/open/", "/"),
+        ("/challenges/open", "/"),
+        ("/challenges/open?x=1", "/?x=1"),
+        # Whole-segment blocking: names that merely start like a blocked one pass.
+        ("/challenges/open/internals", "/internals"),
+        ("/challenges/open/healthy/x", "/healthy/x"),
+        ("/challenges/open/administrators", "/administrators"),
+    ],
+)
+def test_public_route_is_served_without_the_slug_prefix(
+    edge: Edge, target: str, upstream_path: str
+) -> None:
+    before = len(edge.upstream.requests())
+    response = edge.get(target)
+    assert response.status == 200, response.body
+    assert response.json()["path"] == upstream_path
+    assert edge.upstream.paths()[before:] == [upstream_path]
+
+
+@pytest.mark.parametrize(
+    "target", ["/challenges/nope/x", "/challenges/", "/", "/other", "/challenges/openx/a"]
+)
+def test_unknown_slugs_and_paths_outside_challenges_are_404(edge: Edge, target: str) -> None:
+    before = len(edge.upstream.requests())
+    response = edge.get(target)
+    assert response.status == 404
+    assert _json(response) == {"error": "not_found"}
+    assert edge.upstream.paths()[before:] == []
+
+
+@pytest.mark.parametrize(
+    "suffix", ["/internal", "/internal/x", "/health", "/version", "/admin", "/debug/x"]
+)
+def test_builtin_and_custom_blocked_prefixes_are_403(edge: Edge, suffix: str) -> None:
+    before = len(edge.upstream.requests())
+    response = edge.get(f"/challenges/open{suffix}")
+    assert response.status == 403
+    assert _json(response) == {"error": "forbidden", "reason": "internal_route"}
+    assert edge.upstream.paths()[before:] == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Headers, bodies, limits, failures, streaming
+
+
+def test_platform_only_headers_from_clients_never_reach_the_upstream(edge: Edge) -> None:
+    forged = {name: "forged" for name in PLATFORM_ONLY_HEADERS}
+    before = len(edge.upstream.requests())
+    response = edge.get("/challenges/open/whoami", headers={**forged, "x-other": "kept"})
+    assert response.status == 200
+    assert response.json()["platform_headers"] == {}
+    (received,) = edge.upstream.requests()[before:]
+    assert received.headers.get("x-other") == "kept"
+    assert not set(received.headers) & set(PLATFORM_ONLY_HEADERS)
+
+
+def test_header_names_with_underscores_are_refused(edge: Edge) -> None:
+    before = len(edge.upstream.requests())
+    response = edge.get(
+        "/challenges/open/whoami", headers={"x_platform_verified_hotkey": "5Forged"}
+    )
+    assert response.status == 400
+    assert _json(response) == {"error": "bad_request"}
+    assert edge.upstream.requests()[before:] == []
+
+
+def test_body_over_the_challenge_limit_is_413(edge: Edge) -> None:
+    at_limit = edge.get("/challenges/open/upload", method="POST", body=b"a" * BODY_LIMIT)
+    assert at_limit.status == 200
+    assert at_limit.json()["body_bytes"] == BODY_LIMIT
+    before = len(edge.upstream.requests())
+    over = edge.get("/challenges/open/upload", method="POST", body=b"a" * (BODY_LIMIT + 1))
+    assert over.status == 413
+    assert _json(over) == {"error": "payload_too_large"}
+    assert edge.upstream.requests()[before:] == []
+
+
+def test_ip_rate_limit_is_per_client_address(edge: Edge) -> None:
+    first, second = "127.0.0.2", "127.0.0.3"
+    for _ in range(IP_LIMIT):
+        ok = edge.get("/challenges/limited/x", source_ip=first)
+        assert ok.status == 200
+        assert ok.headers["x-ratelimit-limit"] == str(IP_LIMIT)
+    refused = edge.get("/challenges/limited/x", source_ip=first)
+    assert refused.status == 429
+    assert _json(refused) == {"error": "rate_limited"}
+    retry_after = refused.headers["retry-after"]
+    assert retry_after.isdigit()
+    assert int(retry_after) == 60 // IP_LIMIT
+    assert refused.headers["x-ratelimit-remaining"] == "0"
+    # Another client address has its own bucket of IP_LIMIT.
+    for _ in range(IP_LIMIT):
+        assert edge.get("/challenges/limited/x", source_ip=second).status == 200
+    assert edge.get("/challenges/limited/x", source_ip=second).status == 429
+
+
+def test_upstream_down_gives_a_safe_503(edge: Edge) -> None:
+    response = edge.get("/challenges/down/anything")
+    assert response.status == 503
+    assert _json(response) == {"error": "challenge_unavailable"}
+
+
+def test_signed_routes_fail_closed_when_authz_is_unreachable(edge: Edge) -> None:
+    before = len(edge.upstream.requests())
+    for target in (
+        "/challenges/signed/",
+        "/challenges/signed/x",
+        "/challenges/partial/submit",
+        "/challenges/partial/SUBMIT/x",
+        "/challenges/partial/submit;x=1",
+    ):
+        response = edge.get(target)
+        assert response.status == 503, target
+        assert _json(response) == {"error": "authorization_unavailable"}
+    assert edge.upstream.requests()[before:] == []
+    # The unsigned part of a partly signed challenge is public.
+    assert edge.get("/challenges/partial/other").status == 200
+
+
+def test_server_sent_events_stream_through_unbuffered(edge: Edge) -> None:
+    upstream = edge.upstream
+    upstream.reset_sse()
+    connection = http.client.HTTPConnection("127.0.0.1", edge.port, timeout=30)
+    try:
+        connection.request("GET", f"/challenges/open{UpstreamServer.SSE_PATH}")
+        response = connection.getresponse()
+        assert response.status == 200
+        assert response.getheader("content-type") == "text/event-stream"
+        received = b""
+        while b"data: event-0\n\n" not in received:
+            chunk = response.read1(65536)
+            assert chunk, "stream ended before the first event"
+            received += chunk
+        # The first event arrived while the upstream was still holding back the last one.
+        first_seen_before_last_sent = not upstream.sse_last_sent.is_set()
+        upstream.sse_release.set()
+        received += response.read()
+    finally:
+        upstream.sse_release.set()
+        connection.close()
+    assert first_seen_before_last_sent
+    events = [line for line in received.decode().splitlines() if line.startswith("data: ")]
+    assert events == [f"data: event-{i}" for i in range(UpstreamServer.SSE_EVENTS)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bypass corpus: spellings of the refused routes that must never reach the challenge
+
+_BYPASS_SUFFIXES = (
+    "/internal",
+    "/internal/",
+    "/internal/x",
+    "/INTERNAL",
+    "/Internal/x",
+    "/iNtErNaL",
+    "//internal",
+    "///internal//x",
+    "/./internal",
+    "/x/../internal",
+    "/x/y/../../internal",
+    "/%2e/internal",
+    "/x/%2e%2e/internal",
+    "/x/%2E%2E/internal",
+    "/x/.%2e/internal",
+    "/%2e%2e/open/internal",
+    "/%69nternal",
+    "/%49NTERNAL",
+    "/int%65rnal",
+    "/%69%6e%74%65%72%6e%61%6c",
+    "%2finternal",
+    "%2Finternal",
+    "/x%2f..%2finternal",
+    "/x/..%2finternal",
+    "%5cinternal",
+    "%5Cinternal",
+    "/x/..%5cinternal",
+    "\\internal",
+    "/x\\..\\internal",
+    "/internal;x=1",
+    "/internal;",
+    "/INTERNAL;jsessionid=1",
+    "/internal/..;/internal",
+    "/x/..;/internal",
+    "/internal.",
+    "/internal..",
+    "/internal%2e",
+    "/internal%20",
+    "/internal%09",
+    "/internal%00",
+    "/internal%3b",
+    "/internal?x=1",
+    "/internal?/../x",
+    "/internal#frag",
+    "/x#/../../internal",
+    "/%3f/../internal",
+    "/./INTERNAL/./",
+    "/./%2e/x/..//InTeRnAl;a=b",
+    "/x/%2E./%69NTERNAL/",
+    "/%2569nternal",
+    "/%%36%39nternal",
+    "/%25%36%39nternal",
+    "/x/%c0%ae%c0%ae/internal",
+    "/x/%e0%80%ae%e0%80%ae/internal",
+    "/x%c0%af..%c0%afinternal",
+    "/%zzinternal/../internal",
+    "/health",
+    "/HEALTH/",
+    "/health;x",
+    "/health.",
+    "/%68ealth",
+    "//health//",
+    "\\health",
+    "/version",
+    "/Version.json",
+    "/%76ersion",
+    "/x/../version",
+    "/version%2F",
+    "/./version/.",
+    "/admin",
+    "/ADMIN/x",
+    "/%61dmin",
+    "/admin;a",
+    "/debug.",
+)
+BYPASS_CORPUS = (
+    *(f"/challenges/open{suffix}" for suffix in _BYPASS_SUFFIXES),
+    "/CHALLENGES/OPEN/INTERNAL",
+    "/challenges/OPEN/internal",
+    "/challenges/open/..;/open/internal",
+    "/challenges/x/../open/internal",
+    "//challenges//open//internal",
+    "http://127.0.0.1/challenges/open/internal",
+    "http://127.0.0.1/challenges/open/%69nternal",
+    "http://evil.example/challenges/open/health",
+    "/challenges/open/internal x",
+    "/challenges/open/internal\tx",
+)
+
+
+def _looks_internal(received_path: str) -> bool:
+    """Whether a path an upstream received would, under lenient server rules, be refused.
+
+    Decodes repeatedly, treats backslashes as slashes, drops matrix parameters, trailing dots
+    and suffixes, resolves dot segments, ignores case, and strips a leftover
+    ``/challenges/{slug}`` prefix.
+    """
+    path = received_path.split("?", 1)[0].split("#", 1)[0]
+    for _ in range(3):
+        path = urllib.parse.unquote(path, errors="replace")
+    path = path.replace("\\", "/").lower()
+    segments: list[str] = []
+    for raw in path.split("/"):
+        segment = raw.split(";", 1)[0].strip(" \t\x00")
+        if segment == "..":
+            if segments:
+                segments.pop()
+        elif segment not in ("", "."):
+            segments.append(segment.rstrip(".").split(".", 1)[0] or segment)
+    if len(segments) >= 2 and segments[0] == "challenges":
+        segments = segments[2:]
+    return bool(segments) and segments[0] in BLOCKED_NAMES
+
+
+@pytest.mark.parametrize(
+    ("path", "internal"),
+    [
+        ("/internal", True),
+        ("/x/..;/INTERNAL", True),
+        ("/%2569nternal.json", True),
+        ("/x\\..\\health;a", True),
+        ("/challenges/open/version", True),
+        ("/internals", False),
+        ("/api/health", False),
+        ("/", False),
+    ],
+)
+def test_bypass_detector_recognizes_internal_paths(path: str, internal: bool) -> None:
+    assert _looks_internal(path) is internal
+
+
+def test_bypass_corpus_is_large_and_distinct() -> None:
+    assert len(set(BYPASS_CORPUS)) == len(BYPASS_CORPUS) >= 40
+
+
+@pytest.mark.parametrize("target", BYPASS_CORPUS, ids=[repr(t) for t in BYPASS_CORPUS])
+def test_bypass_spelling_is_refused(edge: Edge, target: str) -> None:
+    before = len(edge.upstream.requests())
+    request = f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    response = raw_request_bytes(edge.port, request.encode("latin-1"))
+    assert response.status in (400, 403, 404), (response.status, response.body)
+    assert edge.upstream.paths()[before:] == []
+
+
+def test_upstream_never_received_an_internal_route(edge: Edge) -> None:
+    received = edge.upstream.paths()
+    assert received, "the module's tests should have reached the upstream"
+    assert [path for path in received if _looks_internal(path)] == []
+
+
+# ---------------------------------------------------------------------------------------------
+# With an authorization service: identity headers and per-hotkey limits
+
+
+@pytest.fixture(scope="module")
+def authz_edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Edge, StubAuthz]]:
+    upstream = UpstreamServer().start()
+    authz = StubAuthz()
+    try:
+        authz.start()
+        state = EdgeState(
+            settings=EdgeSettings(
+                listen_port=free_port(), authz_port=authz.port, edge_token=EDGE_TOKEN
+            ),
+            challenges=(
+                EdgeChallenge(
+                    "hk",
+                    "127.0.0.1",
+                    upstream.port,
+                    _limits(hotkey=HOTKEY_LIMIT),
+                    signed_path_prefixes=("/submit",),
+                ),
+            ),
+        )
+        with _run_edge(state, tmp_path_factory.mktemp("authz-edge"), upstream) as edge:
+            yield edge, authz
+    finally:
+        authz.stop()
+        upstream.stop()
+
+
+def test_verified_hotkey_comes_from_authz_not_the_client(
+    authz_edge: tuple[Edge, StubAuthz],
+) -> None:
+    edge, authz = authz_edge
+    response = edge.get(
+        "/challenges/hk/submit",
+        method="POST",
+        body=b'{"answer": 42}',
+        headers={StubAuthz.TRUSTED_HOTKEY_HEADER: "5Alice", VERIFIED_HOTKEY_HEADER: "5Forged"},
+    )
+    assert response.status == 200, response.body
+    assert response.json()["platform_headers"] == {VERIFIED_HOTKEY_HEADER: "5Alice"}
+    check = authz.checks()[-1]
+    assert check.context_extensions == {"slug": "hk"}
+    assert check.authorization_metadata == f"Bearer {EDGE_TOKEN}"
+    assert check.raw_body == b'{"answer": 42}'
+    assert VERIFIED_HOTKEY_HEADER not in check.headers
+
+
+def test_signed_body_over_the_limit_is_413_before_authz(
+    authz_edge: tuple[Edge, StubAuthz],
+) -> None:
+    edge, authz = authz_edge
+    checks_before = len(authz.checks())
+    before = len(edge.upstream.requests())
+    response = edge.get(
+        "/challenges/hk/submit",
+        method="POST",
+        body=b"a" * (BODY_LIMIT + 1),
+        headers={StubAuthz.TRUSTED_HOTKEY_HEADER: "5Dave"},
+    )
+    assert response.status == 413
+    assert _json(response) == {"error": "payload_too_large"}
+    assert len(authz.checks()) == checks_before
+    assert edge.upstream.requests()[before:] == []
+
+
+def test_authz_denials_keep_the_authz_answer(authz_edge: tuple[Edge, StubAuthz]) -> None:
+    edge, _ = authz_edge
+    before = len(edge.upstream.requests())
+    response = edge.get("/challenges/hk/submit")
+    assert response.status == 403
+    assert json.loads(response.body) == {"error": "unauthorized"}
+    assert edge.upstream.requests()[before:] == []
+
+
+def test_hotkey_rate_limit_is_per_verified_hotkey(authz_edge: tuple[Edge, StubAuthz]) -> None:
+    edge, _ = authz_edge
+
+    def submit(hotkey: str) -> RawResponse:
+        # Same client address throughout: only the verified hotkey tells the buckets apart.
+        return edge.get("/challenges/hk/submit", headers={StubAuthz.TRUSTED_HOTKEY_HEADER: hotkey})
+
+    for _ in range(HOTKEY_LIMIT):
+        assert submit("5Bob").status == 200
+    refused = submit("5Bob")
+    assert refused.status == 429
+    assert _json(refused) == {"error": "rate_limited"}
+    assert int(refused.headers["retry-after"]) == 60 // HOTKEY_LIMIT
+    for _ in range(HOTKEY_LIMIT):
+        assert submit("5Carol").status == 200
+    assert submit("5Carol").status == 429
+    # Unsigned routes of the challenge are not charged to any hotkey.
+    assert edge.get("/challenges/hk/public").status == 200
