@@ -208,6 +208,9 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path.split("?", 1)[0] == UpstreamServer.SSE_PATH:
             self._stream_events()
             return
+        if self.path.startswith(UpstreamServer.SLOW_PATH + "?s="):
+            # Answers late, for timeout tests; bounded so a test cannot hang on it.
+            time.sleep(min(float(self.path.split("=", 1)[1]), 10.0))
         payload = json.dumps(
             {
                 "path": self.path,
@@ -275,6 +278,11 @@ class _RecordingServer(ThreadingHTTPServer):
     daemon_threads = True
     owner: UpstreamServer
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client (Envoy after a timeout) that hung up is expected; anything else is not.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
 
 class UpstreamServer:
     """An HTTP server on 127.0.0.1 (in a thread) that records and echoes every request.
@@ -285,6 +293,7 @@ class UpstreamServer:
     """
 
     SSE_PATH = "/events"
+    SLOW_PATH = "/slow"
     SSE_EVENTS = 3
 
     def __init__(self) -> None:

@@ -161,6 +161,15 @@ async def test_a_route_follows_the_registry_live(edge: Edge) -> None:
     assert gone.status == 404
 
 
+async def test_a_challenge_slower_than_its_timeout_gets_a_safe_504(edge: Edge) -> None:
+    await _activate(edge, "echo", request_timeout_seconds=1)
+    assert (await edge.until("/challenges/echo/a", lambda r: r.status == 200)).status == 200
+    late = await edge.get("/challenges/echo/slow?s=3")
+    assert late.status == 504
+    assert late.json() == {"error": "challenge_unavailable"}
+    assert (await edge.get("/challenges/echo/slow?s=0")).status == 200
+
+
 async def test_envoy_keeps_the_last_config_while_the_master_is_down_then_converges(
     edge: Edge,
 ) -> None:
