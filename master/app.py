@@ -34,6 +34,7 @@ from master.edge.model import EdgeLimits, EdgeSettings
 from master.edge.nonces import NonceStore
 from master.edge.proxy import EnvoyProcess, render_bootstrap
 from master.edge.xds import XdsServer
+from master.orchestrator import Orchestrator, RuntimePlacement
 from master.registry.feed import RegistryFeed
 from master.registry.rules import Policy
 from master.registry.service import RegistryService
@@ -50,6 +51,10 @@ from platform_common import weights as weight_math
 from platform_common.chain import Chain, open_chain
 from platform_common.config import ConfigError, join_host_port, parse_host_port
 from platform_common.keys import Signer, load_signer, load_signer_file
+from platform_common.runtime import RuntimeBusy
+from platform_common.runtime.images import ImageMapError
+from platform_common.runtime.images import load as load_images
+from platform_common.runtime.local import LocalRuntime
 from platform_network.v1 import (
     broker_pb2,
     broker_pb2_grpc,
@@ -110,6 +115,10 @@ class Master:
         self._hotkeys: RegisteredHotkeys | None = None
         self._edge_task: asyncio.Task[None] | None = None
         self._prune_task: asyncio.Task[None] | None = None
+        self._runtime: LocalRuntime | None = None
+        self._orchestrator_task: asyncio.Task[None] | None = None
+        #: Keeps the runtime in line with the registry; None with --runtime none.
+        self.orchestrator: Orchestrator | None = None
         #: The edge's configuration loop; None without --edge-listen.
         self.edge: EdgeController | None = None
         #: The local Envoy started with --edge-envoy.
@@ -153,6 +162,8 @@ class Master:
         store = RegistryStore(self._engine, policy, issuer)
         self._feed = RegistryFeed(store, poll_interval=config.feed_poll_interval)
         await self._feed.start()
+        if config.runtime == "local":
+            await self._open_runtime()
         weights_store = WeightsStore(self._engine)
         self._weights_feed = WeightsFeed(weights_store)
         await self._weights_feed.load()
@@ -181,10 +192,7 @@ class Master:
         self._compactor = asyncio.create_task(
             self._compact_forever(store, weights_store), name="compactor"
         )
-        if config.chain:
-            await self._start_epochs(store, weights_store)
-        if config.edge_listen:
-            await self._start_edge(host)
+        await self._start_components(store, weights_store, host)
 
         address = join_host_port(host, self.port)
         log.info(
@@ -274,11 +282,7 @@ class Master:
         assert self._weights_feed is not None
         assert self._signer is not None
         assert self._chain is not None
-        shims = (
-            ShimEndpointsFile(Path(config.shim_endpoints_file))
-            if config.shim_endpoints_file
-            else NoShims()
-        )
+        shims = self._placement()
         self._collector = Collector(timeout=config.collect_timeout)
         self.epochs = EpochEngine(
             EpochSettings(
@@ -314,6 +318,67 @@ class Master:
             },
         )
 
+    async def _start_components(
+        self, store: RegistryStore, weights_store: WeightsStore, host: str
+    ) -> None:
+        """The runtime first (epochs and the edge ask it where challenges are), then the
+        epochs engine and the edge."""
+        config = self.config
+        if self._runtime is not None:
+            await self._start_orchestrator(store, host)
+        if config.chain:
+            await self._start_epochs(store, weights_store)
+        if config.edge_listen:
+            await self._start_edge(host)
+
+    async def _open_runtime(self) -> None:
+        """The local runtime: its image map read and its state directory locked before
+        the master serves, so a bad map or a second master on the directory stops here."""
+        config = self.config
+        assert self._feed is not None
+        assert self._engine is not None
+        try:
+            self._runtime = LocalRuntime(
+                Path(config.runtime_dir), load_images(Path(config.runtime_images))
+            )
+        except (ImageMapError, RuntimeBusy, OSError) as exc:
+            await self._feed.close()
+            await self._engine.dispose()
+            raise StartupError(f"--runtime local: {exc}") from exc
+
+    async def _start_orchestrator(self, store: RegistryStore, host: str) -> None:
+        """Adopt what a previous master left running, then follow the registry."""
+        config = self.config
+        assert self._feed is not None
+        assert self._runtime is not None
+        # Each shim's broker door forwards the challenge's Broker calls to this master.
+        self._runtime.master_address = join_host_port(_reachable(host), self.port)
+        self.orchestrator = Orchestrator(
+            self._feed, self._runtime, store.tokens_of, poll=config.feed_poll_interval
+        )
+        await self.orchestrator.start()
+        self._orchestrator_task = asyncio.create_task(
+            self.orchestrator.run_forever(), name="orchestrator"
+        )
+        log.info(
+            "runtime started",
+            extra={
+                "runtime": config.runtime,
+                "state_dir": str(self._runtime.state_dir),
+                "images": config.runtime_images,
+                "keep_on_exit": config.runtime_keep_on_exit,
+            },
+        )
+
+    def _placement(self) -> RuntimePlacement | ShimEndpointsFile | NoShims:
+        """Where challenges' shims and public APIs listen: the runtime's instances, the
+        static --shim-endpoints-file, or nowhere."""
+        if self.orchestrator is not None:
+            return self.orchestrator.placement
+        if self.config.shim_endpoints_file:
+            return ShimEndpointsFile(Path(self.config.shim_endpoints_file))
+        return NoShims()
+
     def _prepare_edge(self, engine: AsyncEngine) -> None:
         """The edge's gRPC services, registered before the server starts."""
         config = self.config
@@ -341,11 +406,7 @@ class Master:
             )
         else:
             authz_host, authz_port = reachable, self.port
-        placement = (
-            ShimEndpointsFile(Path(config.shim_endpoints_file))
-            if config.shim_endpoints_file
-            else NoShims()
-        )
+        placement = self._placement()
         self.edge = EdgeController(
             self._feed,
             placement,
@@ -356,6 +417,7 @@ class Master:
                 authz_host=authz_host,
                 authz_port=authz_port,
                 edge_token=self._edge_token,
+                access_log=config.edge_access_log,
             ),
             EdgeLimits(
                 rate_per_hotkey_per_minute=config.edge_rate_per_hotkey,
@@ -412,11 +474,21 @@ class Master:
         log.info("master shutting down", extra={"grace_seconds": self.config.shutdown_grace})
         if self.envoy is not None:
             await self.envoy.stop()
-        for task in (self._compactor, self._epoch_task, self._edge_task, self._prune_task):
+        for task in (
+            self._compactor,
+            self._epoch_task,
+            self._edge_task,
+            self._prune_task,
+            self._orchestrator_task,
+        ):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self._runtime is not None:
+            # Challenges stop with the master unless asked to outlive it (then the next
+            # master adopts them).
+            await self._runtime.close(stop_instances=not self.config.runtime_keep_on_exit)
         if self._server is not None:
             await self._server.stop(self.config.shutdown_grace)
         if self._metrics is not None:

@@ -153,6 +153,29 @@ class MasterConfig:
         "(static placement until a runtime places challenges)",
         metavar="PATH",
     )
+    runtime: str = setting(
+        "none",
+        "how the master runs ACTIVE challenges: 'none' (they run elsewhere; see "
+        "--shim-endpoints-file) or 'local' (each challenge and its shim as supervised local "
+        "processes; docs/runtime.md)",
+        choices=("none", "local"),
+    )
+    runtime_dir: str = setting(
+        "platform-runtime",
+        "state directory of the local runtime: per-challenge logs and instance records",
+        metavar="PATH",
+    )
+    runtime_images: str = setting(
+        "",
+        "image map of the local runtime: JSON mapping image repositories to local commands "
+        "(examples/images.json runs the sample challenges)",
+        metavar="PATH",
+    )
+    runtime_keep_on_exit: bool = setting(
+        False,
+        "leave the local runtime's challenges running when the master exits; the next master "
+        "adopts them",
+    )
     ready_file: str = setting(
         "",
         "once serving, write the gRPC address HOST:PORT to this file (useful with port 0)",
@@ -212,6 +235,11 @@ class MasterConfig:
     )
     edge_timeout: int = setting(
         30, "upstream timeout per request in seconds, for challenges that set none", metavar="S"
+    )
+    edge_access_log: str = setting(
+        "errors",
+        "Envoy's access log on stdout: 'errors' (refusals and upstream failures), 'all', 'off'",
+        choices=("errors", "all", "off"),
     )
     edge_signature_max_age: float = setting(
         10.0,
@@ -308,6 +336,27 @@ class MasterConfig:
         if self.max_concurrent_rpcs < 1:
             raise ConfigError("--max-concurrent-rpcs: must be at least 1")
         self._check_edge()
+        self._check_runtime()
+
+    def _check_runtime(self) -> None:
+        if self.runtime != "local":
+            return
+        from platform_common.runtime.images import ImageMapError, load
+
+        if not self.runtime_images:
+            raise ConfigError(
+                "--runtime-images: required with --runtime local (the image map; "
+                "examples/images.json runs the sample challenges)"
+            )
+        if self.shim_endpoints_file:
+            raise ConfigError(
+                "--shim-endpoints-file: the local runtime places challenges itself; "
+                "set one or the other"
+            )
+        try:
+            load(Path(self.runtime_images))
+        except ImageMapError as exc:
+            raise ConfigError(f"--runtime-images: {exc}") from exc
 
     def _check_edge(self) -> None:
         if not self.edge_listen:

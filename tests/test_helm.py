@@ -70,6 +70,9 @@ NOT_FOR_KUBERNETES = {
     "edge_envoy": "in Kubernetes Envoy runs as its own Deployment, not as the master's child",
     "edge_envoy_dir": "only for the local Envoy of --edge-envoy",
     "edge_admin_listen": "only for the local Envoy of --edge-envoy",
+    "runtime_dir": "only for the local runtime",
+    "runtime_images": "only for the local runtime",
+    "runtime_keep_on_exit": "only for the local runtime",
 }
 # Epoch settings (chain, signing hotkey, challenge-token key, schedule, policy) and
 # edge settings are not exposed by the chart yet: it deploys the registry master.
@@ -78,6 +81,8 @@ NOT_FOR_KUBERNETES = {
 # still fails it.
 NOT_IN_CHART_YET = frozenset(
     {
+        "runtime",
+        "edge_access_log",
         "edge_listen",
         "edge_authz_address",
         "edge_token_file",

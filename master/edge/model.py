@@ -79,6 +79,9 @@ class EdgeSettings:
     # Upper bound on distinct client addresses / hotkeys tracked per route.
     max_rate_limit_keys: int = 20000
     connect_timeout_ms: int = 1000
+    # Envoy's access log on stdout: "errors" (status >= 400 or a response flag, i.e.
+    # every refusal and upstream failure), "all", or "off".
+    access_log: str = "errors"
 
 
 @dataclass(frozen=True)

@@ -162,6 +162,8 @@ ACCESS_LOG_FORMAT: Mapping[str, str] = {
 def translate(state: EdgeState) -> EdgeResources:
     """The Envoy resources that implement ``state``'s edge, each tuple sorted by name."""
     settings = state.settings
+    if settings.access_log not in ("errors", "all", "off"):
+        raise ValueError("access_log must be 'errors', 'all' or 'off'")
     challenges = sorted(state.challenges, key=lambda c: c.slug)
     slugs = [c.slug for c in challenges]
     if len(set(slugs)) != len(slugs):
@@ -342,11 +344,21 @@ def _connection_manager(settings: EdgeSettings) -> Any:
         protocol_pb2.HttpProtocolOptions.REJECT_REQUEST
     )
     hcm.local_reply_config.CopyFrom(_local_reply_config())
-    access_log = hcm.access_log.add(name="envoy.access_loggers.stdout")
-    _pack(
-        access_log.typed_config,
-        stream_pb2.StdoutAccessLog(log_format=_json_format(ACCESS_LOG_FORMAT)),
-    )
+    if settings.access_log != "off":
+        access_log = hcm.access_log.add(name="envoy.access_loggers.stdout")
+        _pack(
+            access_log.typed_config,
+            stream_pb2.StdoutAccessLog(log_format=_json_format(ACCESS_LOG_FORMAT)),
+        )
+        if settings.access_log == "errors":
+            # Formatting a line per success is the largest single cost of the hot path;
+            # refusals and upstream failures are what operators read.
+            either = access_log.filter.or_filter
+            status = either.filters.add().status_code_filter.comparison
+            status.op = accesslog_pb2.ComparisonFilter.GE
+            status.value.default_value = 400
+            status.value.runtime_key = "edge.access_log.min_status"
+            either.filters.add().response_flag_filter.SetInParent()
     for name, config in (
         (HEADER_MUTATION_FILTER, _header_mutation()),
         (RATE_LIMIT_IP_FILTER, _inert_rate_limit(RATE_LIMIT_IP_FILTER)),

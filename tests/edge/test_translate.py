@@ -11,6 +11,7 @@ fail, so a regeneration never passes silently.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -316,6 +317,34 @@ def test_clusters_by_upstream_kind() -> None:
     assert options.explicit_http_config.HasField("http2_protocol_options")
     ip_authz = translate(CASES["empty"]).clusters[0]
     assert ip_authz.type == cluster_pb2.Cluster.STATIC
+
+
+@pytest.mark.parametrize("mode", ["errors", "all", "off"])
+def test_access_log_modes(mode: str) -> None:
+    state = dataclasses.replace(
+        CASES["unsigned_defaults"],
+        settings=dataclasses.replace(EdgeSettings(), access_log=mode),
+    )
+    hcm = hcm_pb2.HttpConnectionManager()
+    translate(state).listeners[0].filter_chains[0].filters[0].typed_config.Unpack(hcm)
+    if mode == "off":
+        assert list(hcm.access_log) == []
+        return
+    [log] = hcm.access_log
+    if mode == "all":
+        assert not log.HasField("filter")
+    else:
+        status, flags = log.filter.or_filter.filters
+        assert status.status_code_filter.comparison.value.default_value == 400
+        assert flags.HasField("response_flag_filter")
+
+
+def test_an_unknown_access_log_mode_is_refused() -> None:
+    state = dataclasses.replace(
+        CASES["empty"], settings=dataclasses.replace(EdgeSettings(), access_log="some")
+    )
+    with pytest.raises(ValueError, match="access_log"):
+        translate(state)
 
 
 def test_an_unplaced_challenge_is_routed_to_a_cluster_without_endpoints() -> None:

@@ -1,0 +1,1 @@
+"""The runtime interface, the local runtime and the orchestrator."""
