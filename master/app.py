@@ -497,6 +497,8 @@ class Master:
             await self._collector.close()
         if self._hotkeys is not None:
             await self._hotkeys.close()
+        if self._nonces is not None:
+            await self._nonces.close()
         if self._chain is not None:
             await self._chain.close()
         if self._engine is not None:

@@ -10,6 +10,15 @@ no extra round trip on the hot path. ``ON CONFLICT DO NOTHING`` turns a
 duplicate into "no row inserted" rather than an error, so a flood of replays
 costs no exception handling and no error lines in the PostgreSQL log.
 
+Claims run on one dedicated connection in autocommit mode: a pooled connection
+would cost a checkout (with a liveness ping on PostgreSQL), a BEGIN and a COMMIT
+per request, more than the INSERT itself. On PostgreSQL that connection sets
+``synchronous_commit = off``: the claim does not wait for the WAL flush, so a nonce
+accepted in the instant before a database crash could be accepted once more within
+its freshness window (seconds); a trade worth the latency on every signed request.
+A lock keeps one statement at a time on the connection; a broken connection is
+replaced on the next claim.
+
 Rows are only needed while their nonce could still pass the freshness check;
 :meth:`NonceStore.prune` deletes the expired ones. Pruning is this module's
 job too: the master runs :meth:`NonceStore.prune_forever` as a background task
@@ -26,7 +35,7 @@ from typing import Any
 from sqlalchemy import delete
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from master.db.models import EdgeNonceRow
 
@@ -40,6 +49,8 @@ class NonceStore:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
+        self._lock = asyncio.Lock()
+        self._conn: AsyncConnection | None = None
         # Built once: the hot path only binds parameters to a cached statement.
         self._claim: Any
         if engine.dialect.name == "postgresql":
@@ -54,9 +65,36 @@ class NonceStore:
         ``expire_time`` must be timezone-aware; the row may be pruned after it.
         """
         row = {"hotkey": hotkey, "nonce": nonce_ns, "expire_time": expire_time.astimezone(UTC)}
-        async with self._engine.begin() as conn:
-            result = await conn.execute(self._claim, row)
+        async with self._lock:
+            conn = await self._connection()
+            try:
+                result = await conn.execute(self._claim, row)
+            except BaseException:
+                # Whatever state the connection is in, do not reuse it.
+                self._conn = None
+                await _discard(conn)
+                raise
         return bool(result.rowcount == 1)
+
+    async def _connection(self) -> AsyncConnection:
+        if self._conn is None:
+            conn = await self._engine.connect()
+            try:
+                conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+                if self._engine.dialect.name == "postgresql":
+                    await conn.exec_driver_sql("SET synchronous_commit = off")
+            except BaseException:
+                await _discard(conn)
+                raise
+            self._conn = conn
+        return self._conn
+
+    async def close(self) -> None:
+        """Release the dedicated connection (the master calls it at shutdown)."""
+        async with self._lock:
+            if self._conn is not None:
+                conn, self._conn = self._conn, None
+                await _discard(conn)
 
     async def prune(self, now: datetime) -> int:
         """Delete the nonces that expired at or before ``now``; how many were deleted."""
@@ -82,3 +120,10 @@ class NonceStore:
                 if deleted:
                     log.debug("edge nonces pruned", extra={"deleted": deleted})
             await asyncio.sleep(interval)
+
+
+async def _discard(conn: AsyncConnection) -> None:
+    try:
+        await conn.close()
+    except Exception as exc:
+        log.debug("closing a nonce connection failed", extra={"error": str(exc)})

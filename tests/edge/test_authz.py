@@ -193,6 +193,12 @@ class Edge:
         self.engines.append(engine)
         return engine
 
+    def nonces(self, engine: AsyncEngine) -> NonceStore:
+        """A nonce store on ``engine``, closed (before the engine) at teardown."""
+        store = NonceStore(engine)
+        self.stack.push_async_callback(store.close)
+        return store
+
     async def serve(
         self,
         *,
@@ -202,7 +208,7 @@ class Edge:
     ) -> Stub:
         """A new AuthzService (own engine: a separate master) on 127.0.0.1; its stub."""
         if nonces is None:
-            nonces = NonceStore(await self.engine())
+            nonces = self.nonces(await self.engine())
         if hotkeys is None:
             hotkeys = RegisteredHotkeys(self.chain)
             self.stack.push_async_callback(hotkeys.close)
@@ -395,7 +401,7 @@ async def test_a_replay_is_refused_by_another_master_on_the_same_database(edge: 
     stored = stored if stored.tzinfo else stored.replace(tzinfo=UTC)
     window = http_auth.DEFAULT_MAX_AGE + http_auth.DEFAULT_ALLOWED_SKEW
     assert stored - nonce_time == timedelta(seconds=window + NONCE_RETENTION_MARGIN)
-    assert await NonceStore(edge.engines[1]).prune(nonce_time + timedelta(seconds=window)) == 0
+    assert await edge.nonces(edge.engines[1]).prune(nonce_time + timedelta(seconds=window)) == 0
     assert_refused(await second.Check(check_request(headers)), 409, "replayed", "replayed")
     # The other way round, and concurrently: exactly one of the copies is let through.
     racing = signed(hotkey(6))
@@ -407,7 +413,7 @@ async def test_a_replay_is_refused_by_another_master_on_the_same_database(edge: 
 
 
 async def test_claims_race_on_the_primary_key(edge: Edge) -> None:
-    stores = [NonceStore(await edge.engine()) for _ in range(2)]
+    stores = [edge.nonces(await edge.engine()) for _ in range(2)]
     expire = datetime.now(UTC) + timedelta(seconds=60)
     results = await asyncio.gather(*(store.claim("5Hotkey", 77, expire) for store in stores * 5))
     assert sorted(results) == [False] * 9 + [True]
@@ -517,7 +523,7 @@ async def test_an_unreachable_chain_is_503_until_it_can_be_read(
 async def test_an_unusable_nonce_store_is_503(sqlite_edge: Edge, tmp_path: Path) -> None:
     broken = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'missing' / 'db.sqlite'}")
     sqlite_edge.stack.push_async_callback(broken.dispose)
-    stub = await sqlite_edge.serve(nonces=NonceStore(broken))
+    stub = await sqlite_edge.serve(nonces=sqlite_edge.nonces(broken))
     before = checks("nonce_store_unavailable")
     assert_refused(
         await stub.Check(check_request(signed(hotkey(3)))),
@@ -588,7 +594,7 @@ async def test_the_hotkey_cache_raises_when_no_metagraph_was_ever_read() -> None
 
 
 async def test_prune_removes_only_expired_nonces(edge: Edge) -> None:
-    store = NonceStore(await edge.engine())
+    store = edge.nonces(await edge.engine())
     now = datetime.now(UTC)
     assert await store.claim("5Expired", 1, now - timedelta(seconds=5))
     assert await store.claim("5AtNow", 2, now)
@@ -604,7 +610,7 @@ async def test_prune_removes_only_expired_nonces(edge: Edge) -> None:
 
 
 async def test_prune_forever_keeps_pruning_until_cancelled(sqlite_edge: Edge) -> None:
-    store = NonceStore(await sqlite_edge.engine())
+    store = sqlite_edge.nonces(await sqlite_edge.engine())
     past = datetime.now(UTC) - timedelta(seconds=1)
     await store.claim("5Expired", 1, past)
     await store.claim("5Live", 2, datetime.now(UTC) + timedelta(hours=1))
