@@ -40,6 +40,7 @@ from master.registry.rules import Policy
 from master.registry.service import RegistryService
 from master.registry.store import RegistryStore
 from master.registry.tokens import TokenIssuer
+from master.validators import ValidatorCalls
 from master.weights import service as weights_service
 from master.weights.collector import Collector
 from master.weights.endpoints import NoShims, ShimEndpointsFile
@@ -167,15 +168,7 @@ class Master:
         weights_store = WeightsStore(self._engine)
         self._weights_feed = WeightsFeed(weights_store)
         await self._weights_feed.load()
-        if config.chain:
-            try:
-                self._chain = open_chain(config.chain, config.netuid)
-            except ValueError as exc:
-                await self._feed.close()
-                await self._engine.dispose()
-                raise StartupError(f"--chain: {exc}") from exc
-        if config.edge_listen:
-            self._prepare_edge(self._engine)
+        await self._open_chain()
         server = self._build_server(store, weights_store)
         host, port = parse_host_port(config.listen, "--listen")
         try:
@@ -193,6 +186,8 @@ class Master:
             self._compact_forever(store, weights_store), name="compactor"
         )
         await self._start_components(store, weights_store, host)
+        if self._nonces is not None:
+            self._prune_task = asyncio.create_task(self._prune_nonces(self._nonces), name="nonces")
 
         address = join_host_port(host, self.port)
         log.info(
@@ -220,6 +215,12 @@ class Master:
         }
         if self._edge_token is not None:
             authenticators[rpc.AuthPolicy.AUTH_POLICY_EDGE] = EdgeToken(self._edge_token)
+        if self._chain is not None:
+            assert self._hotkeys is not None
+            assert self._nonces is not None
+            authenticators[rpc.AuthPolicy.AUTH_POLICY_VALIDATOR] = ValidatorCalls(
+                self._hotkeys, self._nonces
+            )
         guard = rpc.CallGuard({**rpc.method_policies(SERVICES), **EDGE_METHODS}, authenticators)
         server = rpc.Server(
             interceptors=[guard],
@@ -379,12 +380,33 @@ class Master:
             return ShimEndpointsFile(Path(self.config.shim_endpoints_file))
         return NoShims()
 
-    def _prepare_edge(self, engine: AsyncEngine) -> None:
+    async def _open_chain(self) -> None:
+        """The chain, and what checks signed calls and requests against it, before the
+        server is built (its authenticators and the edge's services need them)."""
+        config = self.config
+        assert self._feed is not None
+        assert self._engine is not None
+        if config.chain:
+            try:
+                self._chain = open_chain(config.chain, config.netuid)
+            except ValueError as exc:
+                await self._feed.close()
+                await self._engine.dispose()
+                raise StartupError(f"--chain: {exc}") from exc
+        if config.chain or config.edge_listen:
+            # Signed calls (validators) and signed requests (miners) share the
+            # metagraph cache and the replay store.
+            self._nonces = NonceStore(self._engine)
+            self._hotkeys = RegisteredHotkeys(self._chain or _NoChain())
+        if config.edge_listen:
+            self._prepare_edge()
+
+    def _prepare_edge(self) -> None:
         """The edge's gRPC services, registered before the server starts."""
         config = self.config
+        assert self._nonces is not None
+        assert self._hotkeys is not None
         self._xds = XdsServer()
-        self._nonces = NonceStore(engine)
-        self._hotkeys = RegisteredHotkeys(self._chain if self._chain is not None else _NoChain())
         self._authz = AuthzService(
             self._nonces,
             self._hotkeys,
@@ -428,8 +450,6 @@ class Master:
         )
         await self.edge.start()
         self._edge_task = asyncio.create_task(self.edge.run_forever(), name="edge")
-        assert self._nonces is not None
-        self._prune_task = asyncio.create_task(self._prune_nonces(self._nonces), name="nonces")
         if config.edge_envoy:
             await self._start_envoy(reachable)
 
