@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.setup-done
 PROTOS := $(wildcard proto/platform_network/v1/*.proto)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup dev test gen gen-check lint typecheck layers postgres-bin pytest bench lock clean
+.PHONY: setup dev test gen gen-check lint typecheck layers postgres-bin edge-bin pytest bench lock clean
 
 setup: $(STAMP)
 
@@ -86,11 +86,18 @@ postgres-bin:
 		echo "installing PostgreSQL server binaries (Debian package 'postgresql')"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
 
-# The platform on embedded defaults: SQLite, a generated admin token.
+# The edge benchmark drives Envoy with wrk and uses nginx as a fast upstream; both from Debian.
+edge-bin:
+	@{ command -v wrk && { command -v nginx || test -x /usr/sbin/nginx; }; } >/dev/null 2>&1 || { \
+		echo "installing wrk and nginx (Debian packages 'wrk' and 'nginx')"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk nginx >/dev/null; }
+
+# A whole subnet on embedded defaults: simulated chain, master on SQLite with the local
+# runtime and a real Envoy edge, the example challenges, validator agents.
 dev: $(STAMP)
 	$(BIN)/platform dev
 
-bench: $(STAMP) postgres-bin
+bench: $(STAMP) postgres-bin edge-bin
 	$(PY) -m bench.registry_fanout
 	$(PY) -m bench.registry_fanout --postgres
 	$(PY) -m bench.admin_writes
@@ -99,6 +106,8 @@ bench: $(STAMP) postgres-bin
 	$(PY) -m bench.epoch
 	$(PY) -m bench.shim_calls
 	$(PY) -m bench.latest_weights
+	$(PY) -m bench.edge
+	$(PY) -m bench.subnet
 
 # Re-pin every dependency (transitive too) from pyproject.toml into requirements.lock.
 lock:

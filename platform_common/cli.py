@@ -20,6 +20,11 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for entry in sorted(entry_points(group="platform_network.commands"), key=lambda e: e.name):
         entry.load()(subparsers)
+    # No prefix matching: `--hotkey SECRET` must not be taken for `--hotkey-file SECRET`
+    # (a secret on the command line, visible in the process list).
+    parser.allow_abbrev = False
+    for command in subparsers.choices.values():
+        command.allow_abbrev = False
     return parser
 
 

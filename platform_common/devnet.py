@@ -1,10 +1,13 @@
-"""``platform dev``: the platform on embedded defaults, for a developer's terminal.
+"""``platform dev``: a whole subnet on one machine, for a developer's terminal.
 
-Starts the master on SQLite under ``.dev/`` with a generated admin token and the
-Envoy edge (a real Envoy the master starts and configures), prints where they
-listen and how to reach them, then shows registry changes
-live (through WatchRegistry, as any watcher would) until Ctrl-C, when it stops
-every process it started and waits for them.
+Starts, under ``.dev/``: a local simulated chain (``platform chain``: 32 neurons, 4
+validator permits, one block per second), the master on SQLite with the local runtime
+(the two example challenges and their shims as supervised processes) and the Envoy
+edge, then registers and activates the example challenges, starts the validator
+agents, prints where everything listens, and shows a compact live view: registry
+changes, each sealed epoch with its per-challenge status and vector, and what the
+validators put on chain. Ctrl-C stops every process it started, in reverse order,
+and waits for each.
 """
 
 from __future__ import annotations
@@ -20,102 +23,161 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from platform_network.v1 import registry_pb2, registry_pb2_grpc
+from platform_network.v1 import registry_pb2, registry_pb2_grpc, weights_pb2, weights_pb2_grpc
 
 STATE_DIR = Path(".dev")
+REPO = Path(__file__).resolve().parents[1]
+IMAGES = REPO / "examples" / "images.json"
+MASTER_KEY = "//platform-dev/master/0"
+VALIDATOR_KEY = "//platform-dev/hotkey/{uid}"
 DEMO_SPEC = (
     '{"challenge": {"slug": "demo", "name": "Demo", '
-    '"image": "ghcr.io/example/demo:1.0", "emission_share": 0.5}}'
+    '"image": "ghcr.io/example/demo:1.0", "emission_share": 0.1}}'
+)
+EXAMPLES = (
+    # slug, image, share: both sample challenges, each with a signed /submit.
+    ("native", "ghcr.io/platform-network/example-native:dev", 0.45),
+    ("http", "ghcr.io/platform-network/example-http:dev", 0.45),
 )
 
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "dev",
-        help="run the platform locally on embedded defaults (SQLite, generated token)",
-        description="Run the platform locally: the master on SQLite with a generated admin "
-        "token, state under .dev/. Ctrl-C stops everything.",
+        help="run a whole subnet locally: chain, master, edge, challenges, validators",
+        description="Run a whole subnet locally, state under .dev/: a simulated chain, the "
+        "master on SQLite with the local runtime and the Envoy edge, the two example "
+        "challenges, validator agents. Ctrl-C stops everything.",
     )
     parser.add_argument(
         "--state-dir", default=str(STATE_DIR), help="where state and logs go (default: .dev)"
     )
+    for name, env, default, what in (
+        ("port", "PLATFORM_DEV_PORT", 50051, "master gRPC port"),
+        ("metrics-port", "PLATFORM_DEV_METRICS_PORT", 9464, "master metrics port"),
+        ("edge-port", "PLATFORM_DEV_EDGE_PORT", 8080, "public port of the Envoy edge"),
+        ("edge-admin-port", "PLATFORM_DEV_EDGE_ADMIN_PORT", 9901, "admin port of the edge"),
+        ("chain-port", "PLATFORM_DEV_CHAIN_PORT", 9945, "port of the simulated chain"),
+    ):
+        parser.add_argument(
+            f"--{name}",
+            type=int,
+            default=int(os.environ.get(env, str(default))),
+            help=f"{what} (env {env}; default {default}; 0 picks a free port)",
+        )
     parser.add_argument(
-        "--port",
-        type=int,
-        default=int(os.environ.get("PLATFORM_DEV_PORT", "50051")),
-        help="master gRPC port (env PLATFORM_DEV_PORT; default 50051)",
+        "--validators", type=int, default=2, help="validator agents to run (default 2, at most 4)"
     )
     parser.add_argument(
-        "--metrics-port",
-        type=int,
-        default=int(os.environ.get("PLATFORM_DEV_METRICS_PORT", "9464")),
-        help="master metrics port (env PLATFORM_DEV_METRICS_PORT; default 9464)",
-    )
-    parser.add_argument(
-        "--edge-port",
-        type=int,
-        default=int(os.environ.get("PLATFORM_DEV_EDGE_PORT", "8080")),
-        help="public port of the Envoy edge (env PLATFORM_DEV_EDGE_PORT; default 8080)",
-    )
-    parser.add_argument(
-        "--edge-admin-port",
-        type=int,
-        default=int(os.environ.get("PLATFORM_DEV_EDGE_ADMIN_PORT", "9901")),
-        help="admin port of the Envoy edge (env PLATFORM_DEV_EDGE_ADMIN_PORT; default 9901)",
+        "--no-examples", action="store_true", help="do not register the example challenges"
     )
     parser.add_argument("--exit-after", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.set_defaults(func=run)
 
 
+@dataclass
+class Child:
+    """One process of the subnet: started with a ready file, stopped by PID."""
+
+    name: str
+    argv: list[str]
+    log: Path
+    ready: Path
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.ready.unlink(missing_ok=True)
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=self.log.open("ab"),
+            env={**os.environ, **self.env},
+        )
+
+    def wait_ready(self, timeout: float = 90.0) -> str:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while not self.ready.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"{self.name} exited with {self.proc.returncode}; last log lines:\n"
+                    + self.tail()
+                )
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"{self.name} did not start within {timeout:g} s; see {self.log}"
+                )
+            time.sleep(0.05)
+        return self.ready.read_text().strip()
+
+    def tail(self, lines: int = 15) -> str:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return "".join(text.splitlines(keepends=True)[-lines:])
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
 def run(args: argparse.Namespace) -> int:
     state = Path(args.state_dir)
     state.mkdir(parents=True, exist_ok=True)
-    token = _admin_token(state / "admin-token")
-    ready = state / "master.addr"
-    ready.unlink(missing_ok=True)
-    log_path = state / "master.log"
+    logs = state / "logs"
+    logs.mkdir(exist_ok=True)
+    token = _secret(state / "admin-token", secrets.token_urlsafe(32))
+    _secret(state / "token.key", secrets.token_hex(32))
     platform = shutil.which("platform", path=str(Path(sys.executable).parent)) or "platform"
-    master = subprocess.Popen(
-        [
-            platform,
-            "master",
-            "--listen",
-            f"127.0.0.1:{args.port}",
-            "--database-url",
-            f"sqlite+aiosqlite:///{state / 'master.db'}",
-            "--admin-token-file",
-            str(state / "admin-token"),
-            "--metrics-listen",
-            f"127.0.0.1:{args.metrics_port}",
-            "--ready-file",
-            str(ready),
-            "--log-format",
-            "text",
-            "--edge-listen",
-            f"127.0.0.1:{args.edge_port}",
-            "--edge-envoy",
-            "--edge-admin-listen",
-            f"127.0.0.1:{args.edge_admin_port}",
-            "--edge-envoy-dir",
-            str(state / "envoy"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=log_path.open("ab"),
-    )
+    children: list[Child] = []
     try:
-        address = _wait_ready(master, ready, log_path)
-        found = re.search(r"metrics_port=(\d+)", log_path.read_text(errors="replace"))
+        chain = _chain(platform, state, logs, args)
+        children.append(chain)
+        chain.start()
+        chain_address = chain.wait_ready()
+        master = _master(platform, state=state, logs=logs, args=args, chain_address=chain_address)
+        children.append(master)
+        master.start()
+        address = master.wait_ready()
+        master_hotkey = _ss58(MASTER_KEY)
+        if not args.no_examples:
+            asyncio.run(_register_examples(address, token))
+        for uid in range(max(0, min(args.validators, 4))):
+            validator = _validator(
+                platform,
+                state=state,
+                logs=logs,
+                uid=uid,
+                master=address,
+                chain_address=chain_address,
+                master_hotkey=master_hotkey,
+            )
+            children.append(validator)
+            validator.start()
+        for child in children[2:]:
+            child.wait_ready()
+        found = re.search(r"metrics_port=(\d+)", master.log.read_text(errors="replace"))
         _banner(
             address,
-            int(found.group(1)) if found else args.metrics_port,
-            args.edge_port,
-            state,
-            log_path,
+            metrics_port=int(found.group(1)) if found else args.metrics_port,
+            chain_address=chain_address,
+            args=args,
+            state=state,
+            logs=logs,
+            children=children,
         )
         asyncio.run(_live_view(address, token, args.exit_after))
     except KeyboardInterrupt:
@@ -124,44 +186,216 @@ def run(args: argparse.Namespace) -> int:
         print(f"platform dev: {exc}", file=sys.stderr)
         return 1
     finally:
-        _stop(master)
+        for child in reversed(children):
+            child.stop()
+        print("Stopped.", flush=True)
     return 0
 
 
-def _admin_token(path: Path) -> str:
+def _secret(path: Path, value: str) -> str:
     if not path.exists():
-        path.write_text(secrets.token_urlsafe(32) + "\n")
+        path.write_text(value + "\n")
         path.chmod(0o600)
     return path.read_text().strip()
 
 
-def _wait_ready(master: subprocess.Popen[bytes], ready: Path, log_path: Path) -> str:
-    deadline = time.monotonic() + 60
-    while not ready.exists():
-        if master.poll() is not None:
-            tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-15:])
-            raise RuntimeError(
-                f"the master exited with {master.returncode}; last log lines:\n{tail}"
-            )
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the master did not start within 60 s; see {log_path}")
-        time.sleep(0.05)
-    return ready.read_text().strip()
+def _ss58(uri: str) -> str:
+    from platform_common.keys import load_signer
+
+    return load_signer(uri).ss58_address
 
 
-def _banner(address: str, metrics_port: int, edge_port: int, state: Path, log_path: Path) -> None:
-    envoy_log = state / "envoy" / "envoy.log"
-    grpcurl = os.path.relpath(Path(sys.executable).parent / "grpcurl")
+def _port(port: int) -> str:
+    return f"127.0.0.1:{port}"
+
+
+def _chain(platform: str, state: Path, logs: Path, args: argparse.Namespace) -> Child:
+    return Child(
+        "chain",
+        [
+            platform,
+            "chain",
+            "--state",
+            str(state / "chain.json"),
+            "--listen",
+            _port(args.chain_port),
+            "--neurons",
+            "32",
+            "--validators",
+            "4",
+            "--block-time",
+            "1",
+            "--tempo",
+            "20",
+            "--weights-rate-limit",
+            "10",
+            "--ready-file",
+            str(state / "chain.addr"),
+            "--log-format",
+            "text",
+        ],
+        logs / "chain.log",
+        state / "chain.addr",
+    )
+
+
+def _master(
+    platform: str,
+    *,
+    state: Path,
+    logs: Path,
+    args: argparse.Namespace,
+    chain_address: str,
+) -> Child:
+    return Child(
+        "master",
+        [
+            platform,
+            "master",
+            "--listen",
+            _port(args.port),
+            "--database-url",
+            f"sqlite+aiosqlite:///{state / 'master.db'}",
+            "--admin-token-file",
+            str(state / "admin-token"),
+            "--metrics-listen",
+            _port(args.metrics_port),
+            "--ready-file",
+            str(state / "master.addr"),
+            "--log-format",
+            "text",
+            "--token-key-file",
+            str(state / "token.key"),
+            "--chain",
+            f"local+http://{chain_address}",
+            "--epoch-schedule",
+            "tempo",
+            "--epoch-lead-blocks",
+            "5",
+            "--block-time",
+            "1",
+            "--collect-timeout",
+            "5",
+            "--runtime",
+            "local",
+            "--runtime-images",
+            str(IMAGES),
+            "--runtime-dir",
+            str(state / "runtime"),
+            "--edge-listen",
+            _port(args.edge_port),
+            "--edge-envoy",
+            "--edge-admin-listen",
+            _port(args.edge_admin_port),
+            "--edge-envoy-dir",
+            str(state / "envoy"),
+        ],
+        logs / "master.log",
+        state / "master.addr",
+        env={"PLATFORM_HOTKEY": MASTER_KEY, "PLATFORM_ADMIN_TOKEN": ""},
+    )
+
+
+def _validator(
+    platform: str,
+    *,
+    state: Path,
+    logs: Path,
+    uid: int,
+    master: str,
+    chain_address: str,
+    master_hotkey: str,
+) -> Child:
+    return Child(
+        f"validator-{uid}",
+        [
+            platform,
+            "validator",
+            "--master",
+            master,
+            "--master-hotkey",
+            master_hotkey,
+            "--chain",
+            f"local+http://{chain_address}",
+            "--database-url",
+            f"sqlite+aiosqlite:///{state / f'validator-{uid}.db'}",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--ready-file",
+            str(state / f"validator-{uid}.addr"),
+            "--log-format",
+            "text",
+        ],
+        logs / f"validator-{uid}.log",
+        state / f"validator-{uid}.addr",
+        env={"PLATFORM_HOTKEY": VALIDATOR_KEY.format(uid=uid)},
+    )
+
+
+async def _register_examples(address: str, token: str) -> None:
+    """Create and activate the example challenges (kept as they are when they exist)."""
+    metadata = (("authorization", f"Bearer {token}"),)
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = registry_pb2_grpc.RegistryStub(channel)
+        existing = await stub.ListChallenges(
+            registry_pb2.ListChallengesRequest(), metadata=metadata
+        )
+        known = {c.slug: c for c in existing.challenges}
+        for slug, image, share in EXAMPLES:
+            if slug not in known:
+                await stub.CreateChallenge(
+                    registry_pb2.CreateChallengeRequest(
+                        challenge=registry_pb2.ChallengeSpec(
+                            slug=slug,
+                            name=f"Example ({slug})",
+                            image=image,
+                            emission_share=share,
+                            routes=registry_pb2.PublicRoutes(
+                                public_port=8000, signed_path_prefixes=["/submit"]
+                            ),
+                        )
+                    ),
+                    metadata=metadata,
+                )
+            if slug not in known or known[slug].status != registry_pb2.CHALLENGE_STATUS_ACTIVE:
+                await stub.SetChallengeStatus(
+                    registry_pb2.SetChallengeStatusRequest(
+                        slug=slug, status=registry_pb2.CHALLENGE_STATUS_ACTIVE
+                    ),
+                    metadata=metadata,
+                )
+
+
+def _banner(
+    address: str,
+    *,
+    metrics_port: int,
+    chain_address: str,
+    args: argparse.Namespace,
+    state: Path,
+    logs: Path,
+    children: list[Child],
+) -> None:
+    bin_dir = Path(sys.executable).parent
+    grpcurl = os.path.relpath(bin_dir / "grpcurl")
     if grpcurl.startswith(".."):
-        grpcurl = str(Path(sys.executable).parent / "grpcurl")
+        grpcurl = str(bin_dir / "grpcurl")
+    platform = os.path.relpath(bin_dir / "platform")
+    if platform.startswith(".."):
+        platform = str(bin_dir / "platform")
+    edge = _port(args.edge_port)
+    validators = [c for c in children if c.name.startswith("validator-")]
     print(
         f"""
-Platform is running (Ctrl-C stops it)
+Platform is running: a whole subnet on this machine (Ctrl-C stops it)
 
-  master    {address}   gRPC with reflection; log: {log_path}
-  edge      http://127.0.0.1:{edge_port}/challenges/{{slug}}/   Envoy; log: {envoy_log}
-  metrics   http://127.0.0.1:{metrics_port}/metrics
-  database  {state / "master.db"} (SQLite)
+  chain       http://{chain_address}   simulated subnet 1: 32 neurons, 4 validator permits
+  master      {address}   gRPC with reflection; log: {logs / "master.log"}
+  edge        http://{edge}/challenges/{{slug}}/   Envoy; log: {state / "envoy" / "envoy.log"}
+  metrics     http://127.0.0.1:{metrics_port}/metrics
+  challenges  native, http   local runtime; logs: {state / "runtime" / "challenges"}/
+  validators  {len(validators)} agents (uids 0..{len(validators) - 1}); logs: {logs}/validator-*.log
+  database    {state / "master.db"} (SQLite)
 
 Reach it with grpcurl:
 
@@ -171,7 +405,13 @@ Reach it with grpcurl:
       -d '{DEMO_SPEC}' \\
       {address} platform_network.v1.Registry/CreateChallenge
 
-Registry changes appear below as they happen.
+Play a miner (uid 5) through the edge:
+
+  curl -s "http://{edge}/challenges/native/task?id=1"
+  PLATFORM_MINER_HOTKEY=//platform-dev/hotkey/5 {platform} miner POST \\
+      http://{edge}/challenges/native/submit --data '{{"task_id": 1, "answer": 0}}'
+
+Registry changes, sealed epochs and submissions appear below as they happen.
 """,
         flush=True,
     )
@@ -179,28 +419,104 @@ Registry changes appear below as they happen.
 
 async def _live_view(address: str, token: str, exit_after: float) -> None:
     metadata = (("authorization", f"Bearer {token}"),)
-    revision, history = 0, ""
-    started = time.monotonic()
     async with grpc.aio.insecure_channel(address) as channel:
-        stub = registry_pb2_grpc.RegistryStub(channel)
-        while not exit_after or time.monotonic() - started < exit_after:
-            call = stub.WatchRegistry(
-                registry_pb2.WatchRegistryRequest(since_revision=revision, history_id=history),
+        tasks = [
+            asyncio.create_task(_watch_registry(channel, metadata)),
+            asyncio.create_task(_watch_weights(channel, metadata)),
+        ]
+        try:
+            if exit_after:
+                await asyncio.sleep(exit_after)
+            else:
+                await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _watch_registry(channel: grpc.aio.Channel, metadata: Any) -> None:
+    stub = registry_pb2_grpc.RegistryStub(channel)
+    revision, history = 0, ""
+    while True:
+        call = stub.WatchRegistry(
+            registry_pb2.WatchRegistryRequest(since_revision=revision, history_id=history),
+            metadata=metadata,
+        )
+        try:
+            async for message in call:
+                revision, history = message.cursor.revision, message.cursor.history_id
+                _show_registry(message)
+        except grpc.aio.AioRpcError as error:
+            print(f"  (registry watch interrupted: {error.code().name}; reconnecting)", flush=True)
+            await asyncio.sleep(1)
+
+
+async def _watch_weights(channel: grpc.aio.Channel, metadata: Any) -> None:
+    stub: Any = weights_pb2_grpc.WeightsStub(channel)
+    revision, history = 0, ""
+    reporter = asyncio.create_task(_show_submissions(stub, metadata))
+    try:
+        while True:
+            call = stub.WatchWeights(
+                weights_pb2.WatchWeightsRequest(since_epoch=revision, history_id=history),
                 metadata=metadata,
-                timeout=exit_after or None,
             )
             try:
                 async for message in call:
                     revision, history = message.cursor.revision, message.cursor.history_id
-                    _show(message)
+                    vector = _vector_of(message)
+                    if vector is not None and vector.epoch:
+                        epoch = await stub.GetEpoch(
+                            weights_pb2.GetEpochRequest(epoch=vector.epoch), metadata=metadata
+                        )
+                        _show_epoch(epoch)
             except grpc.aio.AioRpcError as error:
-                if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    return
-                print(f"  (watch interrupted: {error.code().name}; reconnecting)", flush=True)
+                print(
+                    f"  (weights watch interrupted: {error.code().name}; reconnecting)", flush=True
+                )
                 await asyncio.sleep(1)
+    finally:
+        reporter.cancel()
 
 
-def _show(message: registry_pb2.WatchRegistryResponse) -> None:
+def _vector_of(message: Any) -> Any:
+    kind = message.WhichOneof("payload")
+    if kind == "vector":
+        return message.vector
+    if kind == "snapshot" and message.snapshot.HasField("latest"):
+        return message.snapshot.latest
+    return None
+
+
+async def _show_submissions(stub: Any, metadata: Any) -> None:
+    seen: set[tuple[str, int, str]] = set()
+    while True:
+        await asyncio.sleep(2)
+        try:
+            answer = await stub.ListSubmissions(
+                weights_pb2.ListSubmissionsRequest(page_size=50), metadata=metadata
+            )
+        except grpc.aio.AioRpcError:
+            continue
+        for submission in reversed(list(answer.submissions)):
+            report = submission.report
+            key = (report.validator_hotkey, report.epoch, report.report_id)
+            if key in seen:
+                continue
+            seen.add(key)
+            outcome = weights_pb2.SubmissionOutcome.Name(report.outcome).removeprefix(
+                "SUBMISSION_OUTCOME_"
+            )
+            print(
+                f"  {time.strftime('%H:%M:%S')}  epoch {report.epoch}: validator "
+                f"{report.validator_hotkey[:8]}… {outcome.lower()}"
+                + (f" at block {report.block}" if report.block else ""),
+                flush=True,
+            )
+
+
+def _show_registry(message: registry_pb2.WatchRegistryResponse) -> None:
     stamp = time.strftime("%H:%M:%S")
     kind = message.WhichOneof("payload")
     if kind == "snapshot":
@@ -218,13 +534,17 @@ def _show(message: registry_pb2.WatchRegistryResponse) -> None:
         )
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    print("Stopped.", flush=True)
+def _show_epoch(epoch: Any) -> None:
+    parts = []
+    for result in epoch.challenges:
+        status = weights_pb2.ChallengeEpochStatus.Name(result.status).split("_")[-1]
+        parts.append(f"{result.slug} {status}" + (f" ({result.reason})" if result.reason else ""))
+    vector = epoch.vector
+    top = sorted(vector.weights, key=lambda w: -w.weight)[:6]
+    shown = ", ".join(f"uid {w.uid}: {w.weight:.3f}" for w in top)
+    print(
+        f"  {time.strftime('%H:%M:%S')}  epoch {vector.epoch} sealed: "
+        + ("; ".join(parts) or "no active challenges")
+        + f" | {shown}{' …' if len(vector.weights) > 6 else ''}",
+        flush=True,
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -12,6 +13,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.support.master import VENV_BIN
@@ -56,6 +58,10 @@ def test_dev_prints_commands_that_work_and_stops_everything(tmp_path: Path) -> N
             str(edge_port),
             "--edge-admin-port",
             "0",
+            "--chain-port",
+            "0",
+            "--validators",
+            "1",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -65,24 +71,22 @@ def test_dev_prints_commands_that_work_and_stops_everything(tmp_path: Path) -> N
     )
     seen: list[str] = []
     try:
-        _read_until(proc, r"Registry changes appear below", seen)
+        # Chain, master, challenges, edge and validators first: generous on a busy machine.
+        _read_until(
+            proc, r"Registry changes, sealed epochs and submissions appear below", seen, 180
+        )
         banner = "".join(seen)
         address = re.search(r"master\s+(127\.0\.0\.1:\d+)", banner)
         assert address is not None
         assert re.search(r"metrics\s+http://127\.0\.0\.1:[1-9]\d*/metrics", banner)
-        assert f"edge      http://127.0.0.1:{edge_port}/challenges/{{slug}}/" in banner
+        assert re.search(rf"edge\s+http://127\.0\.0\.1:{edge_port}/challenges/\{{slug\}}/", banner)
+        assert re.search(r"chain\s+http://127\.0\.0\.1:\d+", banner)
+        assert re.search(r"validators\s+1 agents", banner)
         # The edge is a real Envoy configured by the master: unknown slugs are 404.
         status, body = _http_get(f"http://127.0.0.1:{edge_port}/challenges/nothing/")
         assert (status, body) == (404, b'{"error":"not_found"}\n')
         # Run the printed commands exactly as printed, one shell for all.
-        commands = [
-            line.strip()
-            for line in banner[banner.index("export PLATFORM_ADMIN_TOKEN") :]
-            .split("\n\n")[0]
-            .replace("\\\n", " ")
-            .splitlines()
-        ]
-        script = "set -e\n" + "\n".join(commands)
+        script = "set -e\n" + _printed(banner, "export PLATFORM_ADMIN_TOKEN")
         result = subprocess.run(
             ["bash", "-c", script],
             capture_output=True,
@@ -95,8 +99,28 @@ def test_dev_prints_commands_that_work_and_stops_everything(tmp_path: Path) -> N
         assert result.returncode == 0, result.stderr
         assert "platform_network.v1.Registry" in result.stdout
         assert '"token": "pct_' in result.stdout
-        # The live view shows the change the printed command made.
-        _read_until(proc, r"revision 1: demo now DRAFT, share 0\.5", seen)
+        # The live view shows the change the printed command made (after the examples'
+        # four: created and activated).
+        _read_until(proc, r"revision 5: demo now DRAFT, share 0\.1", seen)
+        # The miner commands work as printed: through the edge, the signed one too.
+        result = subprocess.run(
+            ["bash", "-c", "set -e\n" + _printed(banner, "curl -s")],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        decoder = json.JSONDecoder()
+        task, end = decoder.raw_decode(result.stdout)
+        submitted, _ = decoder.raw_decode(result.stdout[end:].lstrip())
+        assert task["task_id"] == 1
+        assert submitted["correct"] is False
+        # Epochs are sealed over the two examples, and the validator puts them on chain.
+        _read_until(proc, r"epoch \d+ sealed: http (OK|EMPTY).*; native (OK|EMPTY)", seen, 90)
+        _read_until(proc, r"epoch \d+: validator \S+ submitted", seen, 90)
         # The README's commands after `make dev` work too (its fixed port, state
         # folder and venv path mapped onto this run's).
         readme = (ROOT / "README.md").read_text()
@@ -130,6 +154,20 @@ def test_dev_prints_commands_that_work_and_stops_everything(tmp_path: Path) -> N
             sock.settimeout(2)
             with pytest.raises(ConnectionRefusedError):
                 sock.connect((host, gone))
+    # And nothing it started is left: no process runs from its state directory.
+    state = str(tmp_path / "state")
+    left = [
+        p.info["cmdline"]
+        for p in psutil.process_iter(["cmdline"])
+        if any(state in part for part in p.info["cmdline"] or ())
+    ]
+    assert left == []
+
+
+def _printed(banner: str, first: str) -> str:
+    """The block of commands the banner prints starting with the line ``first``."""
+    block = banner[banner.index(first) :].split("\n\n", maxsplit=1)[0].replace("\\\n", " ")
+    return "\n".join(line.strip() for line in block.splitlines())
 
 
 def _http_get(url: str) -> tuple[int, bytes]:

@@ -1,0 +1,172 @@
+"""docs/validators.md: its settings and metrics tables match the code, and its
+``platform validator`` command runs as written (addresses and paths made private)
+against a real master over the local simulated subnet.
+
+The command needs the master to accept calls signed with a validator hotkey."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import re
+import signal
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client import Counter, Gauge, Histogram
+
+from tests.edge.envoy_support import free_port
+from tests.support.master import VENV_BIN
+from tests.validator.support import VALIDATOR_KEY, eventually, master_hotkey, signer
+from tests.validator.test_agent_master import make_site, start_master
+from validator import telemetry
+from validator.config import ValidatorConfig
+
+REPO = Path(__file__).resolve().parents[2]
+GUIDE = REPO / "docs" / "validators.md"
+
+
+def table(name: str) -> list[list[str]]:
+    text = GUIDE.read_text()
+    found = re.search(rf"<!-- {name} -->\n(.*?)<!-- /{name} -->", text, re.S)
+    assert found, f"docs/validators.md has no {name} table"
+    rows = [line for line in found.group(1).splitlines() if line.startswith("|")][2:]
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]
+
+
+def shown(value: object) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"`{value:g}`"
+    if value == "":
+        return "none"
+    return f"`{value}`"
+
+
+def test_the_settings_table_lists_every_setting_with_its_default() -> None:
+    documented: dict[str, str] = {}
+    for first, default, _ in table("settings"):
+        names = re.findall(r"`(--[a-z-]+|PLATFORM_[A-Z_]+)`", first)
+        assert names, first
+        documented[names[0]] = default
+    expected: dict[str, str] = {}
+    for field in dataclasses.fields(ValidatorConfig):
+        key = (
+            f"--{field.name.replace('_', '-')}"
+            if field.metadata.get("flag", True)
+            else f"PLATFORM_{field.name.upper()}"
+        )
+        expected[key] = shown(field.default)
+    for required in ("--master-hotkey", "--chain"):
+        expected[required] = "required"
+    assert documented == expected
+
+
+def test_the_metrics_table_lists_every_metric() -> None:
+    documented = {re.sub(r"\{.*", "", row[0].strip("`")) for row in table("metrics")}
+    defined = set()
+    for value in vars(telemetry).values():
+        if isinstance(value, Counter | Gauge | Histogram):
+            [metric] = value.describe()
+            suffix = "_total" if isinstance(value, Counter) else ""
+            defined.add(metric.name + suffix)
+    assert documented == defined
+
+
+def test_help_names_the_hotkey_variable() -> None:
+    result = subprocess.run(
+        [str(VENV_BIN / "platform"), "validator", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "PLATFORM_HOTKEY" in result.stdout
+    assert "--master-hotkey" in result.stdout
+
+
+def test_bad_settings_exit_2_naming_the_setting(tmp_path: Path) -> None:
+    env = {**os.environ, "PLATFORM_HOTKEY": VALIDATOR_KEY}
+    result = subprocess.run(
+        [str(VENV_BIN / "platform"), "validator", "--chain", "local+file:x"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert "--master-hotkey: required" in result.stderr
+
+
+def launch(script: str, env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as stderr:
+        return subprocess.Popen(
+            ["bash", "-c", script], env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=stderr
+        )
+
+
+@pytest.mark.process
+async def test_the_command_runs_as_written(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    site = await make_site("sqlite", request, tmp_path)
+    master = await start_master(site)
+    blocks = re.findall(r"```sh\n(.*?)```", GUIDE.read_text(), re.S)
+    [block] = [b for b in blocks if "platform validator" in b]
+    metrics = f"127.0.0.1:{free_port()}"
+    script = (
+        block.replace("127.0.0.1:50051", master.address)
+        .replace("local+http://127.0.0.1:9945", site.subnet.url)
+        .replace(".dev/validator.db", str(tmp_path / "validator.db"))
+        .replace("127.0.0.1:9466", metrics)
+        .replace("platform validator", "exec platform validator")
+    )
+    env = {
+        **os.environ,
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "MASTER_HOTKEY": master_hotkey(),
+    }
+    env.pop("PLATFORM_HOTKEY", None)
+    log = tmp_path / "validator.log"
+    proc = launch(script, env, tmp_path, log)
+    try:
+        sealed = (await master.seal()).vector
+        hotkey = signer(VALIDATOR_KEY).ss58_address
+
+        async def on_chain() -> bool:
+            assert proc.poll() is None, "platform validator exited"
+            row = await site.subnet.local.weights_set(hotkey)
+            return row is not None and row.values == tuple(sealed.chain_weights.values)
+
+        await eventually(on_chain, what="the vector on chain")
+
+        def health() -> dict[str, object]:
+            url = f"http://{metrics}/healthz"
+            with urllib.request.urlopen(url, timeout=5) as response:
+                assert response.status == 200
+                body: dict[str, object] = json.loads(response.read())
+                return body
+
+        async def submitted() -> dict[str, object] | None:
+            body = await asyncio.to_thread(health)
+            return body if body["submitted_epoch"] == sealed.epoch else None
+
+        body = await eventually(submitted, what="/healthz to show the submission")
+        assert body["status"] == "ok"
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(proc.wait, 30)
+        stderr = log.read_text(errors="replace")
+        await master.close()
+    assert code == 0, stderr
+    lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    messages = [line["msg"] for line in lines]
+    assert "weights set on chain" in messages
+    assert messages[-1] == "validator agent stopped"
