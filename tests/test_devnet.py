@@ -142,6 +142,22 @@ def test_dev_prints_commands_that_work_and_stops_everything(tmp_path: Path) -> N
         assert result.returncode == 0, result.stderr
         assert "platform_network.v1.Registry" in result.stdout
         assert '"slug": "demo"' in result.stdout
+        # And the README's miner commands, through this run's edge.
+        [block] = [b for b in re.findall(r"```sh\n(.*?)```", readme, re.S) if "miner" in b]
+        script = block.replace("127.0.0.1:8080", f"127.0.0.1:{edge_port}").replace(
+            ".venv/bin/", f"{VENV_BIN}/"
+        )
+        result = subprocess.run(
+            ["bash", "-c", "set -e\n" + script],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout) == {"correct": True, "score": 1.0}
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=30)
