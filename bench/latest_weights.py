@@ -6,6 +6,11 @@ flight on one channel for ``--seconds`` seconds (after a 1 s warm-up) and counts
 answers. The target is >= 3,000 answers per second; every answer is checked to be the
 sealed vector.
 
+Besides the rate, it prints the CPU time the master (all its threads) and the client
+process used per answer over the counted window: robust where the rate is not (on two
+shared CPUs the two processes compete, and hypervisor steal slows both), and the
+share of the machine other processes and the hypervisor took.
+
 Exit status: 0 when the target holds; 1 when it is missed; 2 on an error.
 
     python -m bench.latest_weights [--seconds 10] [--concurrency 64]
@@ -14,13 +19,16 @@ Exit status: 0 when the target holds; 1 when it is missed; 2 on an error.
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing
 import sys
 import tempfile
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -32,6 +40,7 @@ from bench.common import (
     hard_timeout,
     machine,
     master_pid,
+    other_load_warning,
     table,
 )
 from platform_network.v1 import weights_pb2, weights_pb2_grpc
@@ -42,9 +51,22 @@ TARGET_RPS = 3000
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _sync_client(address: str, seconds: float, concurrency: int) -> tuple[int, int]:
+@dataclass(frozen=True)
+class ClientResult:
+    answers: int  # answers that arrived within the counted window
+    mismatches: int  # answers that were not the sealed vector
+    cpu_seconds: float  # CPU time of the client process (all threads) over the window
+
+
+def _sync_client(
+    address: str, seconds: float, concurrency: int, counting: Any = None
+) -> ClientResult:
     """Calls kept in flight with the C-core's futures: far less Python per call than
-    grpc.aio, so the client does not cap the figure before the server does."""
+    grpc.aio, so the client does not cap the figure before the server does.
+
+    Answers are counted for ``seconds`` after a 1 s warm-up; ``counting`` (an event)
+    is set when the count starts, for the caller to measure the master over the
+    same window."""
     with grpc.insecure_channel(address) as channel:
         call: grpc.UnaryUnaryMultiCallable[weights_pb2.GetLatestWeightsRequest, bytes] = (
             channel.unary_unary(
@@ -56,8 +78,8 @@ def _sync_client(address: str, seconds: float, concurrency: int) -> tuple[int, i
         expected = call(request, metadata=ADMIN)
         lock = threading.Lock()
         done = threading.Event()
-        state = {"count": 0, "mismatches": 0, "counting": False}
-        stop_at = time.monotonic() + 1.0 + seconds
+        state = {"count": 0, "mismatches": 0}
+        window = [math.inf, time.monotonic() + 1.0 + seconds]  # counted from, until
         in_flight = [concurrency]
 
         def issue() -> None:
@@ -66,12 +88,13 @@ def _sync_client(address: str, seconds: float, concurrency: int) -> tuple[int, i
 
         def finished(future: grpc.Future) -> None:  # type: ignore[type-arg]
             answer = future.result()
+            now = time.monotonic()
             with lock:
-                if state["counting"]:
+                if window[0] <= now < window[1]:
                     state["count"] += 1
                     if answer != expected:
                         state["mismatches"] += 1
-            if time.monotonic() < stop_at:
+            if now < window[1]:
                 issue()
             else:
                 with lock:
@@ -82,14 +105,19 @@ def _sync_client(address: str, seconds: float, concurrency: int) -> tuple[int, i
         for _ in range(concurrency):
             issue()
         time.sleep(1.0)
+        cpu_start = time.process_time()
         with lock:
-            state["counting"] = True
+            window[0] = time.monotonic()
+        if counting is not None:
+            counting.set()
+        time.sleep(max(window[1] - time.monotonic(), 0.0))
+        cpu = time.process_time() - cpu_start
         done.wait(seconds + 30)
-        return state["count"], state["mismatches"]
+        return ClientResult(state["count"], state["mismatches"], cpu)
 
 
-def client_process(address: str, seconds: float, concurrency: int, out: object) -> None:
-    out.put(_sync_client(address, seconds, concurrency))  # type: ignore[attr-defined]
+def client_process(address: str, seconds: float, concurrency: int, counting: Any, out: Any) -> None:
+    out.put(_sync_client(address, seconds, concurrency, counting))
 
 
 def run(args: argparse.Namespace, workdir: Path) -> int:
@@ -109,40 +137,60 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
                     if exc.code() != grpc.StatusCode.NOT_FOUND or time.monotonic() > deadline:
                         raise
                     time.sleep(0.1)
-        meter = CpuMeter([master_pid(master)])
-        meter.start()
         spawn = multiprocessing.get_context("spawn")
-        queue: multiprocessing.Queue[tuple[int, int]] = spawn.Queue()
+        queue: multiprocessing.Queue[ClientResult] = spawn.Queue()
+        counting = spawn.Event()
         client = spawn.Process(
-            target=client_process, args=(address, args.seconds, args.concurrency, queue)
+            target=client_process,
+            args=(address, args.seconds, args.concurrency, counting, queue),
         )
         client.start()
-        count, mismatches = queue.get(timeout=args.seconds + 60)
+        if not counting.wait(60):
+            raise RuntimeError("the client did not start counting")
+        meter = CpuMeter([master_pid(master)])
+        meter.start()
+        result = queue.get(timeout=args.seconds + 60)
+        _, other = meter.stop()
         client.join(10)
-        meter.stop()
         master_cpu = meter.per_root[0]
     finally:
         master.stop()
-    rps = count / args.seconds
+    rps = result.answers / args.seconds
+    answers = max(result.answers, 1)
     print(command_line(MODULE, sys.argv[1:]))
     print(machine())
     print(
         table(
-            ["answers/s", "answers", "seconds", "concurrency", "master CPU %", "target"],
+            [
+                "answers/s",
+                "answers",
+                "seconds",
+                "concurrency",
+                "master CPU %",
+                "master CPU us/answer",
+                "client CPU us/answer",
+                "target",
+            ],
             [
                 [
                     f"{rps:,.0f}",
-                    count,
+                    result.answers,
                     args.seconds,
                     args.concurrency,
                     f"{master_cpu:.0f}",
+                    f"{master_cpu / 100 * args.seconds / answers * 1e6:.0f}",
+                    f"{result.cpu_seconds / answers * 1e6:.0f}",
                     f">= {TARGET_RPS:,}",
                 ]
             ],
         )
     )
-    if mismatches:
-        fail(f"{mismatches} answers were not the sealed vector")
+    # The client's own CPU counts as "other" for the meter (it watches the master).
+    print(
+        other_load_warning(max(0.0, other - result.cpu_seconds / args.seconds * 100), meter.steal)
+    )
+    if result.mismatches:
+        fail(f"{result.mismatches} answers were not the sealed vector")
         return 2
     if rps < TARGET_RPS:
         fail("the target was missed")

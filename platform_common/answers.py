@@ -169,12 +169,33 @@ def check_count(count: int, limits: Limits) -> None:
 def check_entries(
     hotkeys: Sequence[str], scores: Sequence[float], scoring_version: str, limits: Limits
 ) -> None:
-    """Rules 1 (count), 3, 4, 5 and 6 over parallel hotkey and score sequences."""
+    """Rules 1 (count), 3, 4, 5 and 6 over parallel hotkey and score sequences.
+
+    Each rule is first checked for the whole answer at once (set operations, ``sum``
+    and ``min``, the cache of valid SS58 addresses), which is all a valid answer
+    costs; only an answer that breaks a rule is walked entry by entry, to name the
+    offending entries."""
     check_count(len(hotkeys), limits)
-    _check_rule(Rule.HOTKEY, _hotkey_violations(hotkeys))
-    _check_rule(Rule.DUPLICATE, _duplicate_violations(hotkeys))
-    _check_rule(Rule.SCORE, _score_violations(scores))
-    _check_rule(Rule.LABEL, _label_violations(scoring_version))
+    distinct = set(hotkeys)
+    if not ss58.all_valid(distinct):
+        _check_rule(Rule.HOTKEY, _hotkey_violations(hotkeys))
+    if len(distinct) != len(hotkeys):
+        _check_rule(Rule.DUPLICATE, _duplicate_violations(hotkeys))
+    if not _scores_valid(scores):
+        _check_rule(Rule.SCORE, _score_violations(scores))
+    if not _label_valid(scoring_version):
+        _check_rule(Rule.LABEL, _label_violations(scoring_version))
+
+
+def _scores_valid(scores: Sequence[float]) -> bool:
+    """Whether rule 5 holds: a finite sum means no score is NaN or infinite (either
+    would make the sum NaN or infinite), and then ``min`` finds any negative one."""
+    return math.isfinite(sum(scores)) and (not scores or min(scores) >= 0.0)
+
+
+def _label_valid(label: str) -> bool:
+    # Printable ASCII is exactly " " to "~".
+    return len(label) <= MAX_SCORING_VERSION and label.isascii() and label.isprintable()
 
 
 def _check_rule(rule: Rule, violations: Iterable[Violation]) -> None:
@@ -237,23 +258,43 @@ def _label_violations(label: str) -> Iterable[Violation]:
 # --- gRPC answers ------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Answer:
+    """A validated answer, with its entries read out once as parallel lists (reading
+    the fields of a parsed message costs about as much as validating them)."""
+
+    response: challenge_pb2.GetWeightsResponse
+    hotkeys: list[str]
+    scores: list[float]
+
+
 def validate_response(
     response: challenge_pb2.GetWeightsResponse, limits: Limits
 ) -> challenge_pb2.GetWeightsResponse:
     """Apply rules 1 (count) and 3 to 6 to a parsed answer; return it unchanged."""
+    return _validated(response, limits).response
+
+
+def _validated(response: challenge_pb2.GetWeightsResponse, limits: Limits) -> Answer:
     entries = response.entries
     check_count(len(entries), limits)  # before copying a million entries into lists
-    check_entries(
-        [entry.hotkey for entry in entries],
-        [entry.score for entry in entries],
-        response.scoring_version,
-        limits,
-    )
-    return response
+    hotkeys: list[str] = []
+    scores: list[float] = []
+    add_hotkey, add_score = hotkeys.append, scores.append
+    for entry in entries:  # one pass: each entry's wrapper is built once
+        add_hotkey(entry.hotkey)
+        add_score(entry.score)
+    check_entries(hotkeys, scores, response.scoring_version, limits)
+    return Answer(response, hotkeys, scores)
 
 
 def parse_grpc_answer(raw: bytes, limits: Limits) -> challenge_pb2.GetWeightsResponse:
     """Validate an encoded GetWeightsResponse: size on the raw bytes, then the rest."""
+    return read_grpc_answer(raw, limits).response
+
+
+def read_grpc_answer(raw: bytes, limits: Limits) -> Answer:
+    """:func:`parse_grpc_answer`, with the entries it read for validation."""
     check_size(len(raw), limits)
     try:
         response = challenge_pb2.GetWeightsResponse.FromString(raw)
@@ -261,7 +302,7 @@ def parse_grpc_answer(raw: bytes, limits: Limits) -> challenge_pb2.GetWeightsRes
         raise _refuse(
             Rule.SHAPE, "response", f"not a valid GetWeightsResponse encoding ({exc})"
         ) from exc
-    return validate_response(response, limits)
+    return _validated(response, limits)
 
 
 # --- HTTP answers ------------------------------------------------------------------

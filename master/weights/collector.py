@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from platform_common.answers import Limits, WeightsRefused, parse_grpc_answer
+from platform_common.answers import Limits, WeightsRefused, read_grpc_answer
 from platform_common.protos import duration
 from platform_network.v1 import challenge_pb2, challenge_pb2_grpc, weights_pb2
 
@@ -163,19 +163,21 @@ class Collector:
         latency = time.monotonic() - start
         try:
             # The same rules the shim applied: the master trusts no pod.
-            answer = parse_grpc_answer(raw, LIMITS)
+            answer = read_grpc_answer(raw, LIMITS)
         except WeightsRefused as refused:
             return _failed(
                 slug, Failure.CHALLENGE_FAILURE_INVALID_RESPONSE, refused.message, latency
             )
-        entries = tuple((e.hotkey, e.score) for e in answer.entries)
+        # The entries as validation read them: reading a parsed message's fields
+        # again would cost as much as reading them the first time.
+        entries = tuple(zip(answer.hotkeys, answer.scores, strict=True))
         return Collected(
             slug,
             entries,
             Failure.CHALLENGE_FAILURE_UNSPECIFIED,
             "",
             len(raw),
-            answer.scoring_version,
+            answer.response.scoring_version,
             latency,
         )
 
