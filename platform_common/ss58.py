@@ -74,8 +74,8 @@ def all_valid(addresses: Iterable[str]) -> bool:
     only the others are checked one by one, and remembered when valid. An answer of
     256 hotkeys seen in earlier epochs costs a few microseconds instead of 256
     Python-level checks."""
-    unknown = set(addresses).difference(_valid_cache)
-    return all(check(address) is None for address in unknown)
+    distinct = addresses if isinstance(addresses, set | frozenset) else set(addresses)
+    return all(check(address) is None for address in distinct.difference(_valid_cache))
 
 
 def decode(address: str) -> bytes:
