@@ -17,7 +17,6 @@ import logging
 import os
 import secrets
 import signal
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -187,7 +186,7 @@ class Master:
         )
         await self._start_components(store, weights_store, host)
         if self._nonces is not None:
-            self._prune_task = asyncio.create_task(self._prune_nonces(self._nonces), name="nonces")
+            self._prune_task = asyncio.create_task(self._nonces.prune_forever(), name="nonces")
 
         address = join_host_port(host, self.port)
         log.info(
@@ -214,7 +213,9 @@ class Master:
             rpc.AuthPolicy.AUTH_POLICY_CHALLENGE: ChallengeTokens(store),
         }
         if self._edge_token is not None:
-            authenticators[rpc.AuthPolicy.AUTH_POLICY_EDGE] = EdgeToken(self._edge_token)
+            authenticators[rpc.AuthPolicy.AUTH_POLICY_EDGE] = rpc.AdminToken(
+                self._edge_token, "edge"
+            )
         if self._chain is not None:
             assert self._hotkeys is not None
             assert self._nonces is not None
@@ -482,14 +483,6 @@ class Master:
             extra={"edge": config.edge_listen, "envoy_pid": envoy.pid, "admin": envoy.admin},
         )
 
-    async def _prune_nonces(self, nonces: NonceStore) -> None:
-        while True:
-            await asyncio.sleep(max(self.config.edge_signature_max_age, 5.0))
-            try:
-                await nonces.prune(datetime.now(UTC))
-            except Exception:
-                log.exception("pruning expired miner nonces failed; will retry")
-
     async def stop(self) -> None:
         log.info("master shutting down", extra={"grace_seconds": self.config.shutdown_grace})
         if self.envoy is not None:
@@ -561,24 +554,6 @@ async def serve(config: MasterConfig) -> None:
     finally:
         await master.stop()
     # A StartupError from start() propagates to the caller with nothing left running.
-
-
-class EdgeToken:
-    """AUTH_POLICY_EDGE: the platform's Envoy, with ``authorization: Bearer <edge token>``."""
-
-    def __init__(self, token: str) -> None:
-        self._digest = tokens.digest(token)
-
-    async def __call__(self, method: str, metadata: rpc.Metadata) -> rpc.Caller:
-        presented = tokens.bearer(metadata)
-        if presented is None:
-            raise rpc.Unauthenticated(
-                "missing credentials: send metadata 'authorization: Bearer <edge token>'",
-                reason="missing",
-            )
-        if not tokens.matches(presented, self._digest):
-            raise rpc.Unauthenticated("invalid edge token", reason="invalid_token")
-        return rpc.Caller("edge")
 
 
 class _NoChain:

@@ -18,14 +18,16 @@ from datetime import UTC, datetime, timedelta
 
 import grpc
 
+from master.edge.authz import NONCE_RETENTION_MARGIN
 from master.edge.hotkeys import ChainUnavailable, RegisteredHotkeys
 from master.edge.nonces import NonceStore
 from platform_common import callauth, rpc
 
 log = logging.getLogger(__name__)
 
-# Nonces are stored until the signature could no longer be fresh, plus clock margin.
-NONCE_MARGIN = timedelta(seconds=30)
+# Nonces are stored until the signature could no longer be fresh, plus the same clock
+# margin as miners' nonces.
+NONCE_MARGIN = timedelta(seconds=NONCE_RETENTION_MARGIN)
 
 
 class ValidatorCalls:

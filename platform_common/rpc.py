@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import contextvars
-import hashlib
 import hmac
 import inspect
 import logging
@@ -25,7 +24,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from platform_common import metrics, tokens
+from platform_common import callauth, metrics, tokens
 from platform_common.config import join_host_port
 from platform_common.health import SERVING, Health
 from platform_common.refusals import Refusal
@@ -114,23 +113,25 @@ def method_policies(services: Iterable[ServiceDescriptor]) -> dict[str, int]:
 
 
 class AdminToken:
-    """The operators' bearer token, kept only as a SHA-256 digest."""
+    """A deployment-wide bearer token, kept only as a SHA-256 digest: the operators'
+    (``kind="admin"``) or the edge's (``kind="edge"``, presented by the platform's Envoy)."""
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str, kind: str = "admin") -> None:
         if len(token) < 16:
-            raise ValueError("the admin token must be at least 16 characters")
+            raise ValueError(f"the {kind} token must be at least 16 characters")
         self._digest = tokens.digest(token)
+        self._kind = kind
 
     async def __call__(self, method: str, metadata: Metadata) -> Caller:
         presented = tokens.bearer(metadata)
         if presented is None:
             raise Unauthenticated(
-                "missing credentials: send metadata 'authorization: Bearer <admin token>'",
+                f"missing credentials: send metadata 'authorization: Bearer <{self._kind} token>'",
                 reason="missing",
             )
         if not tokens.matches(presented, self._digest):
-            raise Unauthenticated("invalid admin token", reason="invalid_token")
-        return Caller("admin")
+            raise Unauthenticated(f"invalid {self._kind} token", reason="invalid_token")
+        return Caller(self._kind)
 
 
 class CallGuard(grpc.aio.ServerInterceptor):
@@ -267,13 +268,13 @@ class _Outcome:
 
 def _signed_body(caller: Caller, request: Any) -> Caller:
     """``caller``, once the request is the one its signature covers (signed calls only)."""
-    if caller.body_sha256:
-        digest = hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()
-        if not hmac.compare_digest(digest, caller.body_sha256):
-            raise Unauthenticated(
-                "the request does not match the signed body hash (x-platform-body-sha256)",
-                reason="body_mismatch",
-            )
+    if caller.body_sha256 and not hmac.compare_digest(
+        callauth.body_digest(request), caller.body_sha256
+    ):
+        raise Unauthenticated(
+            "the request does not match the signed body hash (x-platform-body-sha256)",
+            reason="body_mismatch",
+        )
     return caller
 
 

@@ -352,3 +352,24 @@ async def test_spoofed_identity_headers_never_reach_an_unsigned_route(edge: Edge
     seen = [r.headers for r in edge.upstream.requests() if r.path == "/task?spoof=1"]
     assert len(seen) == 1
     assert not any(name.startswith("x-platform-") for name in seen[0])
+
+
+@pytest.mark.parametrize(
+    ("metadata", "text"),
+    [((), "Bearer <edge token>"), ((("authorization", "Bearer not-the-edge-token"),), "invalid")],
+)
+async def test_only_the_edge_token_reaches_xds_and_ext_authz(
+    edge: Edge, metadata: tuple[tuple[str, str], ...], text: str
+) -> None:
+    import grpc
+    from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+
+    stub = external_auth_pb2_grpc.AuthorizationStub(edge.running.channel)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.Check(external_auth_pb2.CheckRequest(), metadata=metadata)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert text in (info.value.details() or "")
+    # The admin token is not the edge token either.
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.Check(external_auth_pb2.CheckRequest(), metadata=ADMIN)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
