@@ -17,7 +17,6 @@ environment ``make dev`` has set up, and reports:
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import signal
 import subprocess
@@ -35,16 +34,7 @@ from bench.common import (
     rss_mib,
     table,
 )
-
-VENV_BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.support.devnet import free_port, launch
 
 
 def _validator_pids(state: Path) -> list[int]:
@@ -68,33 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{command_line('bench.subnet', argv or sys.argv[1:])}\n{machine()}\n", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-subnet-") as tmp:
         state = Path(tmp) / "state"
-        env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
         started = time.monotonic()
-        proc = subprocess.Popen(
-            [
-                str(VENV_BIN / "platform"),
-                "dev",
-                "--state-dir",
-                str(state),
-                "--port",
-                "0",
-                "--metrics-port",
-                "0",
-                "--chain-port",
-                "0",
-                "--edge-port",
-                str(_free_port()),
-                "--edge-admin-port",
-                "0",
-                "--validators",
-                "2",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-            cwd=tmp,
-        )
+        proc = launch(Path(tmp), state, free_port(), validators=2)
         marks: dict[str, float] = {}
         try:
             with hard_timeout(180 + args.idle_seconds):

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-import psutil
 import pytest
 
+from tests.support.devnet import dev_env, free_port, launch, left_behind, read_until
 from tests.support.master import VENV_BIN
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,58 +21,14 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.process
 
 
-def _read_until(
-    proc: subprocess.Popen[str], pattern: str, seen: list[str], within: float = 30
-) -> str:
-    assert proc.stdout is not None
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        seen.append(line)
-        if re.search(pattern, line):
-            return line
-    raise AssertionError(f"{pattern!r} not printed; got:\n{''.join(seen)}")
-
-
 def test_dev_prints_commands_that_work_and_stops_everything(tmp_path: Path) -> None:
-    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
-    env.pop("PLATFORM_ADMIN_TOKEN", None)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        edge_port = probe.getsockname()[1]
-    proc = subprocess.Popen(
-        [
-            str(VENV_BIN / "platform"),
-            "dev",
-            "--state-dir",
-            str(tmp_path / "state"),
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--edge-port",
-            str(edge_port),
-            "--edge-admin-port",
-            "0",
-            "--chain-port",
-            "0",
-            "--validators",
-            "1",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-    )
+    env = dev_env()
+    edge_port = free_port()
+    proc = launch(tmp_path, tmp_path / "state", edge_port, validators=1)
     seen: list[str] = []
     try:
         # Chain, master, challenges, edge and validators first: generous on a busy machine.
-        _read_until(
-            proc, r"Registry changes, sealed epochs and submissions appear below", seen, 180
-        )
+        read_until(proc, r"Registry changes, sealed epochs and submissions appear below", seen, 180)
         banner = "".join(seen)
         address = re.search(r"master\s+(127\.0\.0\.1:\d+)", banner)
         assert address is not None
@@ -101,7 +55,7 @@ def test_dev_prints_commands_that_work_and_stops_everything(tmp_path: Path) -> N
         assert '"token": "pct_' in result.stdout
         # The live view shows the change the printed command made (after the examples'
         # four: created and activated).
-        _read_until(proc, r"revision 5: demo now DRAFT, share 0\.1", seen)
+        read_until(proc, r"revision 5: demo now DRAFT, share 0\.1", seen)
         # The miner commands work as printed: through the edge, the signed one too.
         result = subprocess.run(
             ["bash", "-c", "set -e\n" + _printed(banner, "curl -s")],
@@ -119,8 +73,8 @@ def test_dev_prints_commands_that_work_and_stops_everything(tmp_path: Path) -> N
         assert task["task_id"] == 1
         assert submitted["correct"] is False
         # Epochs are sealed over the two examples, and the validator puts them on chain.
-        _read_until(proc, r"epoch \d+ sealed: http (OK|EMPTY).*; native (OK|EMPTY)", seen, 90)
-        _read_until(proc, r"epoch \d+: validator \S+ submitted", seen, 90)
+        read_until(proc, r"epoch \d+ sealed: http (OK|EMPTY).*; native (OK|EMPTY)", seen, 90)
+        read_until(proc, r"epoch \d+: validator \S+ submitted", seen, 90)
         # The README's commands after `make dev` work too (its fixed port, state
         # folder and venv path mapped onto this run's).
         readme = (ROOT / "README.md").read_text()
@@ -171,13 +125,7 @@ def test_dev_prints_commands_that_work_and_stops_everything(tmp_path: Path) -> N
             with pytest.raises(ConnectionRefusedError):
                 sock.connect((host, gone))
     # And nothing it started is left: no process runs from its state directory.
-    state = str(tmp_path / "state")
-    left = [
-        p.info["cmdline"]
-        for p in psutil.process_iter(["cmdline"])
-        if any(state in part for part in p.info["cmdline"] or ())
-    ]
-    assert left == []
+    assert left_behind(tmp_path / "state") == []
 
 
 def _printed(banner: str, first: str) -> str:

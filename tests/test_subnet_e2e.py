@@ -12,25 +12,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import signal
-import subprocess
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import grpc
-import psutil
 import pytest
 
 from platform_common.chain import LocalSubnet
 from platform_common.keys import load_signer
 from platform_common.miner import signed_headers
 from platform_network.v1 import weights_pb2, weights_pb2_grpc
-from tests.edge.envoy_support import free_port
-from tests.support.master import VENV_BIN
+from tests.support.devnet import free_port, launch, left_behind, read_until
 
 pytestmark = pytest.mark.process
 
@@ -38,19 +34,6 @@ MINER_UID = 5
 MINER = load_signer(f"//platform-dev/hotkey/{MINER_UID}")
 VALIDATORS = [load_signer(f"//platform-dev/hotkey/{uid}").ss58_address for uid in (0, 1)]
 WITHIN = 120.0  # a tempo is 20 one-second blocks; a few of them at most
-
-
-def _read_until(proc: subprocess.Popen[str], pattern: str, seen: list[str]) -> str:
-    assert proc.stdout is not None
-    deadline = time.monotonic() + WITHIN
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        seen.append(line)
-        if re.search(pattern, line):
-            return line
-    raise AssertionError(f"{pattern!r} not printed; got:\n{''.join(seen)}")
 
 
 def _http(url: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> Any:
@@ -115,35 +98,10 @@ def test_a_miner_through_the_edge_ends_up_in_the_weights_every_validator_sets(
 ) -> None:
     state = tmp_path / "state"
     edge_port = free_port()
-    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
-    proc = subprocess.Popen(
-        [
-            str(VENV_BIN / "platform"),
-            "dev",
-            "--state-dir",
-            str(state),
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--edge-port",
-            str(edge_port),
-            "--edge-admin-port",
-            "0",
-            "--chain-port",
-            "0",
-            "--validators",
-            "2",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-    )
+    proc = launch(tmp_path, state, edge_port, validators=2)
     seen: list[str] = []
     try:
-        _read_until(proc, r"appear below as they happen", seen)
+        read_until(proc, r"appear below as they happen", seen, WITHIN)
         address = re.search(r"master\s+(127\.0\.0\.1:\d+)", "".join(seen))
         assert address is not None
         metadata = (("authorization", f"Bearer {(state / 'admin-token').read_text().strip()}"),)
@@ -177,9 +135,4 @@ def test_a_miner_through_the_edge_ends_up_in_the_weights_every_validator_sets(
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
-    left = [
-        p.info["cmdline"]
-        for p in psutil.process_iter(["cmdline"])
-        if any(str(state) in part for part in p.info["cmdline"] or ())
-    ]
-    assert left == []
+    assert left_behind(state) == []

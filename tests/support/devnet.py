@@ -1,0 +1,81 @@
+"""``platform dev`` run headless, as the tests and ``bench.subnet`` drive it."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from tests.support.master import VENV_BIN
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def dev_env() -> dict[str, str]:
+    """The environment ``platform dev`` runs in: the venv first on PATH, no admin token."""
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
+    env.pop("PLATFORM_ADMIN_TOKEN", None)
+    return env
+
+
+def launch(cwd: Path, state: Path, edge_port: int, *, validators: int) -> subprocess.Popen[str]:
+    """``platform dev`` on free ports (the edge on ``edge_port``), output on a pipe."""
+    return subprocess.Popen(
+        [
+            str(VENV_BIN / "platform"),
+            "dev",
+            "--state-dir",
+            str(state),
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--edge-port",
+            str(edge_port),
+            "--edge-admin-port",
+            "0",
+            "--chain-port",
+            "0",
+            "--validators",
+            str(validators),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dev_env(),
+        cwd=cwd,
+    )
+
+
+def read_until(
+    proc: subprocess.Popen[str], pattern: str, seen: list[str], within: float = 30
+) -> str:
+    """Read output lines into ``seen`` until one matches ``pattern``; fail after ``within`` s."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if re.search(pattern, line):
+            return line
+    raise AssertionError(f"{pattern!r} not printed; got:\n{''.join(seen)}")
+
+
+def left_behind(state: Path) -> list[list[str]]:
+    """Command lines of processes still running from the state directory ``state``."""
+    import psutil
+
+    return [
+        p.info["cmdline"]
+        for p in psutil.process_iter(["cmdline"])
+        if any(str(state) in part for part in p.info["cmdline"] or ())
+    ]
