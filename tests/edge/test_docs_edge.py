@@ -26,9 +26,10 @@ from master.edge.proxy import EnvoyProcess, render_bootstrap
 from platform_common.chain import LocalSubnet
 from platform_common.chain.local import dev_keypair
 from platform_network.v1 import registry_pb2
-from tests.edge.envoy_support import free_port, raw_request
+from tests.edge.envoy_support import raw_request
 from tests.epochs.live import LiveChallenge, launch
 from tests.helpers import ACTIVE, create, set_status
+from tests.support.devnet import free_port
 from tests.support.master import VENV_BIN, RunningMaster, start_master
 
 pytestmark = pytest.mark.process

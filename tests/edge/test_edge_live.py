@@ -26,8 +26,9 @@ from platform_common.chain import LocalSubnet
 from platform_common.chain.local import dev_keypair
 from platform_common.miner import signed_headers
 from platform_network.v1 import registry_pb2
-from tests.edge.envoy_support import RawResponse, UpstreamServer, free_port, raw_request
+from tests.edge.envoy_support import RawResponse, UpstreamServer, raw_request
 from tests.helpers import ACTIVE, INACTIVE, create, set_status
+from tests.support.devnet import free_port
 from tests.support.master import ADMIN, RunningMaster, start_master
 
 pytestmark = pytest.mark.process

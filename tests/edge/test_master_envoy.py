@@ -9,7 +9,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.edge.envoy_support import free_port, raw_request
+from tests.edge.envoy_support import raw_request
+from tests.support.devnet import free_port
 from tests.support.master import MasterProcess
 
 pytestmark = pytest.mark.process

@@ -33,10 +33,10 @@ from tests.edge.envoy_support import (
     StaticEnvoy,
     StubAuthz,
     UpstreamServer,
-    free_port,
     raw_request,
     raw_request_bytes,
 )
+from tests.support.devnet import free_port
 
 BODY_LIMIT = 1024
 IP_LIMIT = 3

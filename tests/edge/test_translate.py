@@ -42,7 +42,8 @@ from master.edge.model import (
     cluster_name,
 )
 from master.edge.translate import static_bootstrap, translate
-from tests.edge.envoy_support import free_port, validate
+from tests.edge.envoy_support import validate
+from tests.support.devnet import free_port
 
 GOLDEN = Path(__file__).parent / "golden"
 REGEN_ENV = "PLATFORM_REGEN_GOLDEN"

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import Counter, Gauge, Histogram
 
-from tests.edge.envoy_support import free_port
+from tests.support.devnet import free_port
 from tests.support.master import VENV_BIN
 from tests.validator.support import VALIDATOR_KEY, eventually, master_hotkey, signer
 from tests.validator.test_agent_master import make_site, start_master
