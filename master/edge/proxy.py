@@ -238,11 +238,10 @@ class EnvoyProcess:
             args += ["--concurrency", str(self._concurrency)]
         with self.log_path.open("ab") as output:
             self._process = await asyncio.create_subprocess_exec(
-                *args,
+                *_dying_with_parent(args),
                 stdin=subprocess.DEVNULL,
                 stdout=output,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
         log.info(
             "envoy started",
@@ -293,10 +292,16 @@ class EnvoyProcess:
             return ""
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM when the process that started Envoy dies,
-    even by SIGKILL, so a master that crashes leaves no Envoy behind (Linux only)."""
-    import ctypes
+def _dying_with_parent(args: list[str]) -> list[str]:
+    """``args`` run so that Envoy gets SIGTERM when the process that started it dies,
+    even by SIGKILL, and a master that crashes leaves no Envoy behind: through
+    util-linux's ``setpriv --pdeathsig`` (Linux; elsewhere, or without setpriv, as is).
 
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    Not a ``preexec_fn``: Python code between fork and exec makes subprocess use
+    fork() instead of vfork(), which runs gRPC's fork handlers; they restart gRPC's
+    poller in the child, which aborts once the child closes its descriptors.
+    """
+    setpriv = shutil.which("setpriv") if sys.platform == "linux" else None
+    if setpriv is None:
+        return args
+    return [setpriv, "--pdeathsig", "TERM", "--", *args]
