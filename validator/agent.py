@@ -1,14 +1,18 @@
 """The validator agent: composition root and life cycle.
 
-Start: the store, the chain, one channel to the master, then five tasks: the two
-streams (``WatchRegistry``, ``WatchWeights``), the submitter (which first closes what a
-previous run left unfinished), the reporter and the expiry watch; then ``/metrics`` and
-``/healthz``, then the ready file.
+Start: the store, the chain, with ``--run-challenges`` the local runtime, one channel
+to the master, then five tasks: the two streams (``WatchRegistry``, ``WatchWeights``),
+the submitter (which first closes what a previous run left unfinished), the reporter and
+the expiry watch; with ``--run-challenges`` a sixth, the reconciler that runs the
+registry's ACTIVE challenges (:mod:`validator.challenges`), after it adopted what a
+previous run left running; then ``/metrics`` and ``/healthz``, then the ready file.
 
-Stop (SIGTERM/SIGINT): the streams first (no new vectors), then the submitter gets
-``--shutdown-grace`` to finish a submission in flight (a wait for the rate limit is
-left at once, and its epoch goes back to the queue), the reporter one last delivery
-round within what is left of the grace; then the channel, the chain and the store.
+Stop (SIGTERM/SIGINT): the streams and the reconciler first (no new vectors, no new
+instances), then the submitter gets ``--shutdown-grace`` to finish a submission in
+flight (a wait for the rate limit is left at once, and its epoch goes back to the
+queue), the reporter one last delivery round within what is left of the grace; then the
+challenges (stopped, or left running with ``--runtime-keep-on-exit``), the channel, the
+chain and the store.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,8 +31,21 @@ from platform_common import callauth
 from platform_common.chain import Chain, open_chain
 from platform_common.config import join_host_port, parse_host_port
 from platform_common.keys import Signer
+from platform_common.runtime import Instance, RuntimeBusy
+from platform_common.runtime.images import ImageMapError
+from platform_common.runtime.images import load as load_images
+from platform_common.runtime.local import LocalRuntime
+from platform_common.runtime.reconcile import Reconciler
 from platform_network.v1 import registry_pb2_grpc, weights_pb2, weights_pb2_grpc
 from validator import telemetry
+from validator.challenges import (
+    TOKENS_FILE,
+    InstanceTokens,
+    StreamedRegistry,
+    TokenFileError,
+    count_states,
+    describe,
+)
 from validator.config import ValidatorConfig
 from validator.intake import VectorIntake, WeightsFollower
 from validator.reports import Reporter, ReportFactory
@@ -43,6 +60,8 @@ WATCH_WEIGHTS = "/platform_network.v1.Weights/WatchWeights"
 WATCH_REGISTRY = "/platform_network.v1.Registry/WatchRegistry"
 REPORT_SUBMISSION = "/platform_network.v1.Weights/ReportSubmission"
 REPORT_TIMEOUT = 10.0
+# With --run-challenges: how often instances are checked besides registry changes.
+RECONCILE_POLL = 1.0
 _NS = 1_000_000_000
 T = TypeVar("T")
 
@@ -84,6 +103,11 @@ class Agent:
         self._failed: str | None = None
         self.vector_expired = False
         self.metrics_port = 0
+        #: With --run-challenges: the local runtime, its reconciler, the last instances seen.
+        self.runtime: LocalRuntime | None = None
+        self.challenges: Reconciler | None = None
+        self.instances: list[Instance] = []
+        self._wanted: StreamedRegistry | None = None
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -100,7 +124,21 @@ class Agent:
         except (ValueError, OSError) as exc:
             await store.close()
             raise StartupError(f"--chain: {exc}") from exc
+        if config.run_challenges:
+            try:
+                await self._open_runtime(store)
+            except StartupError:
+                await self._close_chain()
+                await store.close()
+                raise
         await self._assemble(store, self._chain)
+        if self.challenges is not None:
+            try:
+                await self.challenges.start()
+            except Exception as exc:
+                await self.stop()
+                raise StartupError(f"--run-challenges: cannot start the challenges: {exc}") from exc
+            self._spawn("challenges", self.challenges.run_forever)
         self._spawn("submitter", self._running(self.submitter).run)
         self._spawn("reporter", self._running(self._reporter).run)
         self._spawn("expiry", self._watch_expiry)
@@ -127,6 +165,33 @@ class Agent:
         if config.ready_file and self._status is not None:
             host, _ = parse_host_port(config.metrics_listen, "--metrics-listen")
             _write_atomically(Path(config.ready_file), join_host_port(host, self.metrics_port))
+
+    async def _open_runtime(self, store: Store) -> None:
+        """The local runtime on --runtime-dir (locked: one agent per directory) and the
+        tokens of its instances; the reconciler follows the streamed registry."""
+        config = self.config
+        try:
+            runtime = LocalRuntime(
+                Path(config.runtime_dir), load_images(Path(config.runtime_images))
+            )
+        except (ImageMapError, RuntimeBusy, OSError) as exc:
+            raise StartupError(f"--run-challenges: {exc}") from exc
+        try:
+            tokens = InstanceTokens(runtime.state_dir / TOKENS_FILE)
+        except TokenFileError as exc:
+            # Nothing was started yet: releasing the lock is all there is to undo.
+            await runtime.close(stop_instances=False)
+            raise StartupError(f"--runtime-dir: {exc}") from exc
+        self.runtime = runtime
+        self._wanted = StreamedRegistry(store, tokens)
+        self.challenges = Reconciler(
+            self._wanted, runtime, poll=RECONCILE_POLL, observe=self._observe_instances
+        )
+
+    def _observe_instances(self, instances: Sequence[Instance]) -> None:
+        self.instances = list(instances)
+        for state, count in count_states(instances).items():
+            telemetry.CHALLENGE_INSTANCES.labels(state).set(count)
 
     @staticmethod
     def _running(part: T | None) -> T:
@@ -184,7 +249,9 @@ class Agent:
         )
         self.intake = intake
         weights = WeightsFollower(store, intake, clock_skew=config.clock_skew, clock=self._clock)
-        registry = RegistryFollower(store)
+        registry = RegistryFollower(
+            store, on_applied=self._wanted.changed if self._wanted is not None else None
+        )
         self.weights, self.registry = weights, registry
         await weights.load()
         await registry.load()
@@ -242,7 +309,7 @@ class Agent:
         grace = self.config.shutdown_grace
         log.info("validator agent stopping", extra={"grace_seconds": grace})
         deadline = time.monotonic() + grace
-        for name in ("stream.weights", "stream.registry", "expiry"):
+        for name in ("stream.weights", "stream.registry", "challenges", "expiry"):
             await _cancel(self._tasks.get(name))
         submitting = self._tasks.get("submitter")
         if self.submitter is not None and submitting is not None:
@@ -266,14 +333,23 @@ class Agent:
                 await asyncio.wait_for(self._reporter.deliver(), remaining)
         if self._status is not None:
             self._status.stop()
+        if self.runtime is not None:
+            keep = self.config.runtime_keep_on_exit
+            try:
+                await self.runtime.close(stop_instances=not keep)
+            except Exception:
+                log.exception("the local runtime did not close cleanly")
         if self._channel is not None:
             await self._channel.close()
-        if self._chain is not None and self._own_chain:
-            with contextlib.suppress(Exception):
-                await self._chain.close()
+        await self._close_chain()
         if self.store is not None:
             await self.store.close()
         log.info("validator agent stopped")
+
+    async def _close_chain(self) -> None:
+        if self._chain is not None and self._own_chain:
+            with contextlib.suppress(Exception):
+                await self._chain.close()
 
     # -- expiry -----------------------------------------------------------------------
 
@@ -327,6 +403,8 @@ class Agent:
             "submitted_epoch": submitter.submitted_epoch if submitter else 0,
             "waiting_for_block": submitter.waiting_for_block if submitter else 0,
         }
+        if self.runtime is not None:
+            details["challenges"] = describe(self.instances)
         if self._failed:
             details["failed"] = self._failed
         if self._stopping:

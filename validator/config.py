@@ -107,8 +107,25 @@ class ValidatorConfig:
     )
     run_challenges: bool = setting(
         False,
-        "also run the active challenges on this host through the local runtime "
-        "(not available yet: refused at start-up)",
+        "also run the registry's ACTIVE challenges on this host, each with its shim, "
+        "through the local runtime (docs/validators.md)",
+    )
+    runtime_dir: str = setting(
+        "validator-runtime",
+        "with --run-challenges: state directory of the local runtime (per-challenge logs, "
+        "instance records, the tokens this validator gave its shims)",
+        metavar="PATH",
+    )
+    runtime_images: str = setting(
+        "",
+        "with --run-challenges: image map of the local runtime, JSON mapping image "
+        "repositories to local commands (examples/images.json runs the sample challenges)",
+        metavar="PATH",
+    )
+    runtime_keep_on_exit: bool = setting(
+        False,
+        "with --run-challenges: leave the challenges running when the agent exits; the next "
+        "agent on the same --runtime-dir adopts them",
     )
     ready_file: str = setting(
         "",
@@ -161,11 +178,24 @@ class ValidatorConfig:
             raise ConfigError(f"--clock-skew: must be >= 0; got {self.clock_skew}")
         if self.submit_attempts < 1:
             raise ConfigError(f"--submit-attempts: must be at least 1; got {self.submit_attempts}")
-        if self.run_challenges:
+        self._check_runtime()
+
+    def _check_runtime(self) -> None:
+        if not self.run_challenges:
+            return
+        from platform_common.runtime.images import ImageMapError, load
+
+        if not self.runtime_images:
             raise ConfigError(
-                "--run-challenges: not available yet: this release has no local runtime to "
-                "run challenges with; run the agent without it"
+                "--runtime-images: required with --run-challenges (the image map; "
+                "examples/images.json runs the sample challenges)"
             )
+        if not self.runtime_dir:
+            raise ConfigError("--runtime-dir: required with --run-challenges")
+        try:
+            load(Path(self.runtime_images))
+        except ImageMapError as exc:
+            raise ConfigError(f"--runtime-images: {exc}") from exc
 
     def signer(self) -> Signer:
         """This validator's hotkey from PLATFORM_HOTKEY or --hotkey-file."""

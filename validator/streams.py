@@ -141,8 +141,9 @@ class StreamRunner:
 class RegistryFollower:
     """Applies ``WatchRegistry`` messages to the store's copy of the registry."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, *, on_applied: Callable[[int], None] | None = None) -> None:
         self._store = store
+        self._on_applied = on_applied
         self.cursor: Cursor | None = None
         self.server_epoch = ""
         self.challenges = 0
@@ -198,6 +199,8 @@ class RegistryFollower:
             await self._count()
         self.cursor = cursor
         telemetry.STREAM_REVISION.labels("registry").set(cursor.revision)
+        if self._on_applied is not None:
+            self._on_applied(cursor.revision)
 
     async def _count(self) -> None:
         challenges = await self._store.challenges()

@@ -39,6 +39,12 @@ STREAM_REVISION = Gauge(
     "Position each stream resumes from (registry revision, weights epoch).",
     ["stream"],
 )
+CHALLENGE_INSTANCES = Gauge(
+    "platform_validator_challenge_instances",
+    "With --run-challenges: challenge instances this host runs, by state (RUNNING, "
+    "STARTING, BACKOFF, FAILED, STOPPING).",
+    ["state"],
+)
 VECTORS = Counter(
     "platform_validator_vectors_total",
     "Vectors received, by what became of them: queued, refused, duplicate.",

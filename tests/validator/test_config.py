@@ -14,6 +14,8 @@ from validator.cli import register
 from validator.config import ValidatorConfig
 from validator.streams import Backoff
 
+IMAGES = Path(__file__).resolve().parents[2] / "examples" / "images.json"
+
 
 def valid(**overrides: object) -> ValidatorConfig:
     return agent_config(chain="local+file:chain.json", **overrides)
@@ -57,7 +59,15 @@ def test_the_hotkey_is_never_a_flag(capsys: pytest.CaptureFixture[str]) -> None:
         ({"reconnect_max": 0.01}, "--reconnect-max: must be >= --reconnect-min"),
         ({"submit_attempts": 0}, "--submit-attempts: must be at least 1"),
         ({"shutdown_grace": 0.0}, "--shutdown-grace: must be positive"),
-        ({"run_challenges": True}, "--run-challenges: not available yet"),
+        ({"run_challenges": True}, "--runtime-images: required with --run-challenges"),
+        (
+            {"run_challenges": True, "runtime_images": "no/such/images.json"},
+            "--runtime-images: .*no/such/images.json",
+        ),
+        (
+            {"run_challenges": True, "runtime_images": str(IMAGES), "runtime_dir": ""},
+            "--runtime-dir: required with --run-challenges",
+        ),
     ],
 )
 def test_unusable_settings_are_refused_by_name(overrides: dict[str, object], message: str) -> None:

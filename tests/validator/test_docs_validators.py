@@ -15,10 +15,14 @@ import signal
 import subprocess
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import Counter, Gauge, Histogram
 
+from platform_common.runtime.local import RECORD
+from tests.helpers import ACTIVE, create, set_status
+from tests.runtime.support import IMAGE_MAP, NATIVE, Runtimes, alive
 from tests.support.devnet import free_port
 from tests.support.master import VENV_BIN
 from tests.validator.support import VALIDATOR_KEY, eventually, master_hotkey, signer
@@ -118,7 +122,7 @@ async def test_the_command_runs_as_written(request: pytest.FixtureRequest, tmp_p
     site = await make_site("sqlite", request, tmp_path)
     master = await start_master(site)
     blocks = re.findall(r"```sh\n(.*?)```", GUIDE.read_text(), re.S)
-    [block] = [b for b in blocks if "platform validator" in b]
+    [block] = [b for b in blocks if "platform validator" in b and "--run-challenges" not in b]
     metrics = f"127.0.0.1:{free_port()}"
     script = (
         block.replace("127.0.0.1:50051", master.address)
@@ -170,3 +174,67 @@ async def test_the_command_runs_as_written(request: pytest.FixtureRequest, tmp_p
     messages = [line["msg"] for line in lines]
     assert "weights set on chain" in messages
     assert messages[-1] == "validator agent stopped"
+
+
+@pytest.mark.process
+async def test_the_run_challenges_command_runs_as_written(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    site = await make_site("sqlite", request, tmp_path)
+    master = await start_master(site)
+    await create(master.registry, "sum-bench", 0.5, image=f"{NATIVE}:1.0.0")
+    await set_status(master.registry, "sum-bench", ACTIVE)
+    blocks = re.findall(r"```sh\n(.*?)```", GUIDE.read_text(), re.S)
+    [block] = [b for b in blocks if "--run-challenges" in b]
+    runtime_dir = tmp_path / "validator-runtime"
+    net = Runtimes(runtime_dir)
+    metrics = f"127.0.0.1:{free_port()}"
+    script = (
+        block.replace("127.0.0.1:50051", master.address)
+        .replace("local+http://127.0.0.1:9945", site.subnet.url)
+        .replace(".dev/validator.db", str(tmp_path / "validator.db"))
+        .replace("127.0.0.1:9466", metrics)
+        .replace("examples/images.json", str(IMAGE_MAP))
+        .replace(".dev/validator-runtime", str(runtime_dir))
+        .replace("platform validator", "exec platform validator")
+    )
+    env = {
+        **os.environ,
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "MASTER_HOTKEY": master_hotkey(),
+    }
+    env.pop("PLATFORM_HOTKEY", None)
+    log = tmp_path / "validator.log"
+    proc = launch(script, env, tmp_path, log)
+    pids: list[int] = []
+    try:
+
+        def health() -> dict[str, Any]:
+            url = f"http://{metrics}/healthz"
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    body: dict[str, Any] = json.loads(response.read())
+                    return body
+            except OSError:
+                return {}
+
+        async def running() -> dict[str, Any] | None:
+            assert proc.poll() is None, "platform validator exited"
+            body = await asyncio.to_thread(health)
+            state = body.get("challenges", {}).get("sum-bench", {}).get("state")
+            return body if state == "RUNNING" else None
+
+        await eventually(running, within=60, what="sum-bench RUNNING in /healthz")
+        record = json.loads((runtime_dir / "challenges" / "sum-bench" / RECORD).read_text())
+        pids = [int(entry["pid"]) for entry in record["processes"].values()]
+        assert len(pids) == 2
+        assert all(alive(pid) for pid in pids)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(proc.wait, 30)
+        stderr = log.read_text(errors="replace")
+        await master.close()
+        await net.cleanup()
+    assert code == 0, stderr
+    assert not any(alive(pid) for pid in pids), "the agent stops its challenges when it stops"
