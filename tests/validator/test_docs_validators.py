@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from tests.runtime.support import IMAGE_MAP, NATIVE, Runtimes, alive
 from tests.support.devnet import free_port
 from tests.support.master import VENV_BIN
 from tests.validator.support import VALIDATOR_KEY, eventually, master_hotkey, signer
-from tests.validator.test_agent_master import make_site, start_master
+from tests.validator.test_agent_master import Site, make_site, start_master
 from validator import telemetry
 from validator.config import ValidatorConfig
 
@@ -110,35 +111,68 @@ def test_bad_settings_exit_2_naming_the_setting(tmp_path: Path) -> None:
     assert "--master-hotkey: required" in result.stderr
 
 
-def launch(script: str, env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as stderr:
-        return subprocess.Popen(
-            ["bash", "-c", script], env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=stderr
-        )
-
-
-@pytest.mark.process
-async def test_the_command_runs_as_written(request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    site = await make_site("sqlite", request, tmp_path)
-    master = await start_master(site)
+def launch_block(
+    which: Callable[[str], bool], replacements: dict[str, str], cwd: Path, log: Path
+) -> subprocess.Popen[bytes]:
+    """Run the guide's one ``sh`` block that ``which`` picks, with ``replacements`` made
+    (private addresses and paths) and the validator exec'd, so a signal reaches it."""
     blocks = re.findall(r"```sh\n(.*?)```", GUIDE.read_text(), re.S)
-    [block] = [b for b in blocks if "platform validator" in b and "--run-challenges" not in b]
-    metrics = f"127.0.0.1:{free_port()}"
-    script = (
-        block.replace("127.0.0.1:50051", master.address)
-        .replace("local+http://127.0.0.1:9945", site.subnet.url)
-        .replace(".dev/validator.db", str(tmp_path / "validator.db"))
-        .replace("127.0.0.1:9466", metrics)
-        .replace("platform validator", "exec platform validator")
-    )
+    [block] = [b for b in blocks if "platform validator" in b and which(b)]
+    for old, new in {**replacements, "platform validator": "exec platform validator"}.items():
+        assert old in block, f"{old!r} is not in the guide's command any more"
+        block = block.replace(old, new)
     env = {
         **os.environ,
         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         "MASTER_HOTKEY": master_hotkey(),
     }
     env.pop("PLATFORM_HOTKEY", None)
+    with log.open("wb") as stderr:
+        return subprocess.Popen(
+            ["bash", "-c", block], env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=stderr
+        )
+
+
+def health(metrics: str) -> dict[str, Any]:
+    """``/healthz`` of the agent at ``metrics`` (an empty dict while it does not answer 200)."""
+    try:
+        with urllib.request.urlopen(f"http://{metrics}/healthz", timeout=5) as response:
+            body: dict[str, Any] = json.loads(response.read())
+            return body
+    except OSError:
+        return {}
+
+
+async def stopped(proc: subprocess.Popen[bytes], log: Path) -> tuple[int, str]:
+    """SIGTERM to the agent if it still runs; its exit status and log."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    code = await asyncio.to_thread(proc.wait, 30)
+    return code, await asyncio.to_thread(log.read_text, errors="replace")
+
+
+def private(site: Site, master: str, tmp_path: Path, metrics: str) -> dict[str, str]:
+    """The guide's addresses and paths -> this test's."""
+    return {
+        "127.0.0.1:50051": master,
+        "local+http://127.0.0.1:9945": site.subnet.url,
+        ".dev/validator.db": str(tmp_path / "validator.db"),
+        "127.0.0.1:9466": metrics,
+    }
+
+
+@pytest.mark.process
+async def test_the_command_runs_as_written(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    site = await make_site("sqlite", request, tmp_path)
+    master = await start_master(site)
+    metrics = f"127.0.0.1:{free_port()}"
     log = tmp_path / "validator.log"
-    proc = launch(script, env, tmp_path, log)
+    proc = launch_block(
+        lambda block: "--run-challenges" not in block,
+        private(site, master.address, tmp_path, metrics),
+        tmp_path,
+        log,
+    )
     try:
         sealed = (await master.seal()).vector
         hotkey = signer(VALIDATOR_KEY).ss58_address
@@ -150,24 +184,14 @@ async def test_the_command_runs_as_written(request: pytest.FixtureRequest, tmp_p
 
         await eventually(on_chain, what="the vector on chain")
 
-        def health() -> dict[str, object]:
-            url = f"http://{metrics}/healthz"
-            with urllib.request.urlopen(url, timeout=5) as response:
-                assert response.status == 200
-                body: dict[str, object] = json.loads(response.read())
-                return body
-
-        async def submitted() -> dict[str, object] | None:
-            body = await asyncio.to_thread(health)
+        async def submitted() -> dict[str, Any] | None:
+            body = await asyncio.to_thread(health, metrics)
             return body if body["submitted_epoch"] == sealed.epoch else None
 
         body = await eventually(submitted, what="/healthz to show the submission")
         assert body["status"] == "ok"
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        code = await asyncio.to_thread(proc.wait, 30)
-        stderr = log.read_text(errors="replace")
+        code, stderr = await stopped(proc, log)
         await master.close()
     assert code == 0, stderr
     lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
@@ -184,43 +208,26 @@ async def test_the_run_challenges_command_runs_as_written(
     master = await start_master(site)
     await create(master.registry, "sum-bench", 0.5, image=f"{NATIVE}:1.0.0")
     await set_status(master.registry, "sum-bench", ACTIVE)
-    blocks = re.findall(r"```sh\n(.*?)```", GUIDE.read_text(), re.S)
-    [block] = [b for b in blocks if "--run-challenges" in b]
     runtime_dir = tmp_path / "validator-runtime"
     net = Runtimes(runtime_dir)
     metrics = f"127.0.0.1:{free_port()}"
-    script = (
-        block.replace("127.0.0.1:50051", master.address)
-        .replace("local+http://127.0.0.1:9945", site.subnet.url)
-        .replace(".dev/validator.db", str(tmp_path / "validator.db"))
-        .replace("127.0.0.1:9466", metrics)
-        .replace("examples/images.json", str(IMAGE_MAP))
-        .replace(".dev/validator-runtime", str(runtime_dir))
-        .replace("platform validator", "exec platform validator")
-    )
-    env = {
-        **os.environ,
-        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "MASTER_HOTKEY": master_hotkey(),
-    }
-    env.pop("PLATFORM_HOTKEY", None)
     log = tmp_path / "validator.log"
-    proc = launch(script, env, tmp_path, log)
+    proc = launch_block(
+        lambda block: "--run-challenges" in block,
+        {
+            **private(site, master.address, tmp_path, metrics),
+            "examples/images.json": str(IMAGE_MAP),
+            ".dev/validator-runtime": str(runtime_dir),
+        },
+        tmp_path,
+        log,
+    )
     pids: list[int] = []
     try:
 
-        def health() -> dict[str, Any]:
-            url = f"http://{metrics}/healthz"
-            try:
-                with urllib.request.urlopen(url, timeout=5) as response:
-                    body: dict[str, Any] = json.loads(response.read())
-                    return body
-            except OSError:
-                return {}
-
         async def running() -> dict[str, Any] | None:
             assert proc.poll() is None, "platform validator exited"
-            body = await asyncio.to_thread(health)
+            body = await asyncio.to_thread(health, metrics)
             state = body.get("challenges", {}).get("sum-bench", {}).get("state")
             return body if state == "RUNNING" else None
 
@@ -230,10 +237,7 @@ async def test_the_run_challenges_command_runs_as_written(
         assert len(pids) == 2
         assert all(alive(pid) for pid in pids)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        code = await asyncio.to_thread(proc.wait, 30)
-        stderr = log.read_text(errors="replace")
+        code, stderr = await stopped(proc, log)
         await master.close()
         await net.cleanup()
     assert code == 0, stderr
