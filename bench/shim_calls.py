@@ -2,7 +2,8 @@
 
 One SDK challenge (``bench.challenge_farm`` with one challenge scoring 256 hotkeys,
 no delay) behind one real ``platform shim``; after 20 unmeasured calls, ``--calls``
-Health calls and then ``--calls`` GetWeights calls are made one after the other, and
+Health calls and then ``--calls`` GetWeights calls (each of which the shim precedes with
+the challenge's Health, as in an epoch) are made one after the other, and
 the CPU time each process used is read from /proc and divided by the number of calls.
 The CPU other processes and the hypervisor took meanwhile is printed too: it slows
 the measured processes down and so raises their figures.
@@ -51,7 +52,9 @@ async def run(calls: int, workdir: Path) -> tuple[list[list[object]], str]:
             )
             methods: dict[str, Callable[[], Awaitable[object]]] = {
                 "Health": lambda: stub.Health(challenge_pb2.HealthRequest(), metadata=AUTH),
-                "GetWeights (256 entries)": lambda: stub.GetWeights(weights, metadata=AUTH),
+                "GetWeights (256 entries, health-gated)": lambda: stub.GetWeights(
+                    weights, metadata=AUTH
+                ),
             }
             rows: list[list[object]] = []
             # This process (the client) and its children (shim, challenge) are "own".

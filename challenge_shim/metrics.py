@@ -7,7 +7,7 @@ from prometheus_client import Counter, Histogram
 CHALLENGE_CALLS = Counter(
     "platform_shim_challenge_calls_total",
     "Calls forwarded to the challenge, by ChallengeInternal method and outcome "
-    "(ok, refused, unavailable, deadline_exceeded, challenge_error, internal).",
+    "(ok, refused, not_serving, unavailable, deadline_exceeded, challenge_error, internal).",
     ["method", "outcome"],
 )
 CHALLENGE_LATENCY = Histogram(

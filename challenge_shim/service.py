@@ -3,6 +3,8 @@
 Each call is forwarded to the challenge with the deadline
 ``min(the master's remaining deadline, max_deadline)``, its failures mapped to the
 statuses the contract lists, and every weights answer validated before it leaves.
+A challenge is asked for weights only once its ``Health`` says SERVING; otherwise
+the call fails as :mod:`platform_common.not_serving` describes.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from grpc_status import rpc_status
 
 from challenge_shim import metrics
 from challenge_shim.upstream import ChallengeCallError, Metadata, Upstream
-from platform_common import refusals
+from platform_common import not_serving, refusals
 from platform_common.answers import Limits, WeightsRefused, request_violations
 from platform_common.protos import duration
 from platform_network.v1 import challenge_pb2, challenge_pb2_grpc
@@ -103,6 +105,24 @@ class ShimService(challenge_pb2_grpc.ChallengeInternalServicer):
         violations = request_violations(request)
         if violations:
             raise refusals.invalid(violations)
+        try:
+            health = await self._health_answer(context)
+        except ChallengeCallError as exc:
+            # Unreachable, too slow, failing: the same status as the weights call would get.
+            await context.abort(exc.code, exc.message)
+        if health.status != challenge_pb2.HEALTH_STATUS_SERVING:
+            state = challenge_pb2.HealthStatus.Name(health.status).removeprefix("HEALTH_STATUS_")
+            metrics.CHALLENGE_CALLS.labels("GetWeights", "not_serving").inc()
+            log.warning(
+                "weights not asked: the challenge is not serving",
+                extra={
+                    "slug": self._slug,
+                    "epoch": request.epoch,
+                    "health": state,
+                    "reason": health.message,
+                },
+            )
+            await context.abort_with_status(not_serving.status(state, health.message))
         budget = await self._timeout(context, self._max_deadline)
         forwarded = challenge_pb2.GetWeightsRequest()
         forwarded.CopyFrom(request)
@@ -140,19 +160,25 @@ class ShimService(challenge_pb2_grpc.ChallengeInternalServicer):
         await self._refuse_if_draining(context)
         remaining = context.time_remaining()
         master_binds = remaining is not None and remaining < self._health_timeout
-        budget = await self._timeout(context, min(self._health_timeout, self._max_deadline))
         try:
-            answer = await self._forward(
-                "Health", context, lambda md: self._upstream.health(md, budget)
-            )
+            return await self._health_answer(context)
         except ChallengeCallError as exc:
             if exc.code == grpc.StatusCode.DEADLINE_EXCEEDED and master_binds:
                 # The master's own deadline ran out, not the shim's health timeout.
                 await context.abort(exc.code, exc.message)
+            # Health never fails because of the challenge: the cause is the message.
             return challenge_pb2.HealthResponse(
                 status=challenge_pb2.HEALTH_STATUS_NOT_SERVING,
                 message=exc.message[:HEALTH_MESSAGE_MAX],
             )
+
+    async def _health_answer(self, context: Context) -> challenge_pb2.HealthResponse:
+        """The challenge's own health answer, within ``--health-timeout``; raises
+        ChallengeCallError when the challenge cannot be asked."""
+        budget = await self._timeout(context, min(self._health_timeout, self._max_deadline))
+        answer = await self._forward(
+            "Health", context, lambda md: self._upstream.health(md, budget)
+        )
         if answer.status not in (
             challenge_pb2.HEALTH_STATUS_SERVING,
             challenge_pb2.HEALTH_STATUS_STARTING,

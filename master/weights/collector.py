@@ -1,7 +1,9 @@
 """Collection of every ACTIVE challenge's raw scores, through its shim.
 
-Each challenge gets one budget (the collection deadline) for a health check
-and its weights answer. Everything that can go wrong with one challenge
+Each challenge gets one call with one budget (the collection deadline): its shim
+checks the challenge's health, then forwards for the weights answer. Each answer is
+validated and digested as it arrives, while other challenges are still answering.
+Everything that can go wrong with one challenge
 (unreachable, hung, crashing, lying, wrong token, unhealthy) ends as a
 :class:`Collected` with a failure and a reason; nothing raised by one
 challenge can delay or break the others.
@@ -17,9 +19,10 @@ from dataclasses import dataclass
 
 import grpc
 
+from platform_common import not_serving, vectors
 from platform_common.answers import Limits, WeightsRefused, read_grpc_answer
 from platform_common.protos import duration
-from platform_network.v1 import challenge_pb2, challenge_pb2_grpc, weights_pb2
+from platform_network.v1 import challenge_pb2, weights_pb2
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,7 @@ class Collected:
     size_bytes: int
     scoring_version: str
     latency: float
+    raw_sha256: bytes = b""  # vectors.raw_answer_digest of the entries; b"" when FAILED
 
 
 class Collector:
@@ -124,35 +128,27 @@ class Collector:
                 "tokens); rotate it with RotateChallengeToken",
                 0,
             )
-        stub = challenge_pb2_grpc.ChallengeInternalStub(self._channel(target.address))
         metadata = (("authorization", f"Bearer {target.token}"),)
-        deadline = start + self.timeout
         try:
-            health = await stub.Health(
-                challenge_pb2.HealthRequest(), timeout=self.timeout, metadata=metadata
-            )
-            if health.status != challenge_pb2.HEALTH_STATUS_SERVING:
-                state = challenge_pb2.HealthStatus.Name(health.status)
-                detail = f": {health.message}" if health.message else ""
-                return _failed(
-                    slug,
-                    Failure.CHALLENGE_FAILURE_UNHEALTHY,
-                    f"health {state.removeprefix('HEALTH_STATUS_')}{detail}",
-                    time.monotonic() - start,
-                )
-            left = max(deadline - time.monotonic(), 0.001)
             ask = challenge_pb2.GetWeightsRequest()
             ask.CopyFrom(request)
-            ask.time_budget.CopyFrom(duration(left))
-            # Raw bytes: the answer's size is recorded as received, then parsed once.
+            ask.time_budget.CopyFrom(duration(self.timeout))
+            # One call: the shim asks the challenge's Health first and forwards only to
+            # a SERVING challenge. Raw bytes: the answer's size is recorded as received,
+            # then parsed once.
             get_weights: grpc.aio.UnaryUnaryMultiCallable[
                 challenge_pb2.GetWeightsRequest, bytes
             ] = self._channel(target.address).unary_unary(
                 GET_WEIGHTS,
                 request_serializer=challenge_pb2.GetWeightsRequest.SerializeToString,
             )
-            raw: bytes = await get_weights(ask, timeout=left, metadata=metadata)
+            raw: bytes = await get_weights(ask, timeout=self.timeout, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
+            unhealthy = not_serving.reason_of(exc)
+            if unhealthy is not None:
+                return _failed(
+                    slug, Failure.CHALLENGE_FAILURE_UNHEALTHY, unhealthy, time.monotonic() - start
+                )
             code = exc.code()
             failure = _FAILURES.get(code, Failure.CHALLENGE_FAILURE_ERROR)
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -179,6 +175,7 @@ class Collector:
             len(raw),
             answer.response.scoring_version,
             latency,
+            vectors.raw_answer_digest(entries),
         )
 
     def _channel(self, address: str) -> grpc.aio.Channel:

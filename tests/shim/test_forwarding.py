@@ -24,7 +24,14 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from challenge_shim import sdk
-from challenge_shim.sdk import Challenge, RunningChallenge, WeightsRequest
+from challenge_shim.sdk import (
+    Challenge,
+    HealthReport,
+    HealthState,
+    RunningChallenge,
+    WeightsRequest,
+)
+from platform_common import not_serving
 from platform_network.v1 import broker_pb2, broker_pb2_grpc, challenge_pb2
 from tests.shim.support import (
     AUTH,
@@ -48,6 +55,7 @@ Context = grpc.aio.ServicerContext[Any, Any]
 class Recorder:
     requests: list[WeightsRequest] = field(default_factory=list)
     broker_metadata: list[dict[str, str]] = field(default_factory=list)
+    health: HealthReport = field(default_factory=lambda: HealthReport(HealthState.SERVING))
 
 
 class StandInBroker(broker_pb2_grpc.BrokerServicer):
@@ -131,6 +139,10 @@ async def setup(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Setup
         recorder.requests.append(request)
         return {ALICE: 1.0}
 
+    @challenge.health
+    async def health() -> HealthReport:
+        return recorder.health
+
     running = await challenge.start("127.0.0.1:0", token=TOKEN, grace=0.5)
     master = grpc.aio.server()
     broker_pb2_grpc.add_BrokerServicer_to_server(StandInBroker(recorder), master)
@@ -170,6 +182,33 @@ async def test_request_context_reaches_the_challenge(setup: Setup) -> None:
     assert (seen.epoch, seen.epoch_id, seen.netuid, seen.metagraph_block) == (12, "e-12", 7, 4242)
     # No deadline from the master: the challenge gets the shim's max_deadline.
     assert seen.time_budget == MAX_DEADLINE
+
+
+async def test_a_challenge_not_serving_is_not_asked_for_weights(setup: Setup) -> None:
+    asked = len(setup.recorder.requests)
+    setup.recorder.health = HealthReport(HealthState.STARTING, "warming up")
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await setup.client.GetWeights(weights_request(), metadata=AUTH, timeout=10)
+    finally:
+        setup.recorder.health = HealthReport(HealthState.SERVING)
+    error = info.value
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert details(error) == "health STARTING: warming up"
+    assert len(setup.recorder.requests) == asked, "the weights hook must not have been called"
+    # The master tells it apart from a refused answer by its ErrorInfo.
+    status = rpc_status.from_call(error)
+    assert status is not None
+    info_detail = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info_detail)
+    assert (info_detail.domain, info_detail.reason) == (not_serving.DOMAIN, not_serving.REASON)
+    assert info_detail.metadata["health_status"] == "STARTING"
+    assert not_serving.reason_of(error) == "health STARTING: warming up"
+
+    # Serving again: asked, and answering.
+    answer = await setup.client.GetWeights(weights_request(), metadata=AUTH, timeout=10)
+    assert [(e.hotkey, e.score) for e in answer.entries] == [(ALICE, 1.0)]
+    assert len(setup.recorder.requests) == asked + 1
 
 
 async def test_time_budget_is_the_smaller_deadline(setup: Setup) -> None:
