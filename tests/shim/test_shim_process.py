@@ -19,6 +19,7 @@ import pytest
 from bittensor.sp_core import Keypair
 
 from challenge_shim.service import platform_version
+from platform_common import not_serving
 from platform_network.v1 import challenge_pb2, challenge_pb2_grpc
 from tests.shim.support import (
     AUTH,
@@ -350,6 +351,11 @@ async def test_unhealthy_challenge_is_not_serving(stack: Stack) -> None:
         assert health.message == (
             'challenge answered HTTP 503: {"ok": false, "error": "fault injected"}'
         )
+    # Not asked for weights: the call says why, in the form the master records.
+    error = await get_weights_error(stack)
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert details(error) == f"health NOT_SERVING: {health.message}"
+    assert not_serving.reason_of(error) == details(error)
 
 
 async def test_crashed_challenge_is_unavailable(stack: Stack) -> None:
