@@ -13,7 +13,7 @@ import json
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -37,6 +37,7 @@ from master.edge.model import VERIFIED_HOTKEY_HEADER, VERIFIED_UID_HEADER
 from master.edge.nonces import NonceStore
 from platform_common.chain import LocalSubnet, Metagraph, dev_keypair, open_chain
 from tests.conftest import fresh_database
+from tests.support.waiting import eventually
 
 NEURONS = 8
 VALIDATORS = 2
@@ -616,9 +617,9 @@ async def test_prune_forever_keeps_pruning_until_cancelled(sqlite_edge: Edge) ->
     await store.claim("5Live", 2, datetime.now(UTC) + timedelta(hours=1))
     task = asyncio.create_task(store.prune_forever(0.01))
     try:
-        await _eventually(lambda: _equals(sqlite_edge.rows(), 1))
+        await eventually(lambda: _equals(sqlite_edge.rows(), 1), "one nonce row", 5, poll=0.01)
         await store.claim("5Expired", 1, past)  # a second round is pruned as well
-        await _eventually(lambda: _equals(sqlite_edge.rows(), 1))
+        await eventually(lambda: _equals(sqlite_edge.rows(), 1), "one nonce row", 5, poll=0.01)
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -630,11 +631,3 @@ async def test_prune_forever_keeps_pruning_until_cancelled(sqlite_edge: Edge) ->
 
 async def _equals(value: Awaitable[int], expected: int) -> bool:
     return await value == expected
-
-
-async def _eventually(condition: Callable[[], Awaitable[bool]], attempts: int = 500) -> None:
-    for _ in range(attempts):
-        if await condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not reached")

@@ -40,6 +40,7 @@ from prometheus_client import REGISTRY
 from master.edge.model import EdgeResources
 from master.edge.proxy import EnvoyProcess, render_bootstrap
 from master.edge.xds import StreamInfo, XdsServer
+from tests.support import waiting
 
 DEBOUNCE = 0.05
 # Bound of every poll for convergence (generous: the machine is shared).
@@ -231,12 +232,7 @@ def streams_gauge() -> float:
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + CONVERGE_S
-    while not await check():
-        if loop.time() >= deadline:
-            raise AssertionError(f"not within {CONVERGE_S}s: {what}")
-        await asyncio.sleep(0.02)
+    await waiting.eventually(check, what, CONVERGE_S, poll=0.02)
 
 
 async def http_get(port: int, path: str) -> tuple[int, str]:

@@ -20,6 +20,7 @@ from platform_common.runtime import Instance, InstanceState
 from platform_common.runtime.images import ImageMap, load
 from platform_common.runtime.local import RECORD, LocalRuntime, start_time
 from platform_network.v1 import challenge_pb2, challenge_pb2_grpc
+from tests.support.waiting import eventually
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE_MAP = REPO / "examples" / "images.json"
@@ -110,18 +111,6 @@ def _sync(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
         return check()
 
     return run
-
-
-async def eventually(check: Callable[[], Awaitable[T | None]], what: str, within: float) -> T:
-    """Poll ``check`` until it returns something truthy; fail after ``within`` seconds."""
-    deadline = time.monotonic() + within
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {within:g} s: {what}")
-        await asyncio.sleep(0.05)
 
 
 async def wait_state(

@@ -24,12 +24,12 @@ from tests.runtime.support import (
     Runtimes,
     alive,
     environ_of,
-    eventually,
     get_weights,
     solve,
     wait_state,
     weights_refused,
 )
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.process
 

@@ -31,11 +31,11 @@ from tests.runtime.support import (
     WITHIN,
     Runtimes,
     alive,
-    eventually,
     get_weights,
     solve,
     weights_refused,
 )
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.process
 

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import functools
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from platform_common import vectors
@@ -92,17 +90,3 @@ def agent_config(**overrides: Any) -> ValidatorConfig:
     }
     values.update(overrides)
     return dataclasses.replace(ValidatorConfig(), **values)
-
-
-async def eventually(
-    check: Callable[[], Awaitable[Any]], *, within: float = 30.0, what: str = "condition"
-) -> Any:
-    """Poll ``check`` until it returns something truthy, for at most ``within`` seconds."""
-    deadline = time.monotonic() + within
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}; last value: {value!r}")
-        await asyncio.sleep(0.05)

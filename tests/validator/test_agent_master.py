@@ -26,14 +26,9 @@ from tests.epochs.conftest import EpochMaster, Subnet, start_epoch_master
 from tests.helpers import create
 from tests.support.devnet import free_port
 from tests.support.master import ADMIN, MasterProcess
+from tests.support.waiting import eventually
 from tests.validator.conftest import fresh_store_url
-from tests.validator.support import (
-    MASTER_KEY,
-    VALIDATOR_KEY,
-    agent_config,
-    eventually,
-    signer,
-)
+from tests.validator.support import MASTER_KEY, VALIDATOR_KEY, agent_config, signer
 from validator.agent import Agent
 from validator.store import DONE, EpochRecord
 

@@ -16,16 +16,10 @@ import pytest
 
 from platform_common import callauth
 from platform_network.v1 import common_pb2, weights_pb2, weights_pb2_grpc
+from tests.support.waiting import eventually
 from tests.validator.conftest import LocalChain
 from tests.validator.fake_master import FakeMaster, Script, snapshot_message, vector_message
-from tests.validator.support import (
-    NS,
-    VALIDATOR_KEY,
-    agent_config,
-    eventually,
-    make_vector,
-    signer,
-)
+from tests.validator.support import NS, VALIDATOR_KEY, agent_config, make_vector, signer
 from validator.agent import Agent
 from validator.reports import Reporter, ReportFactory
 from validator.store import DONE, REPORT_DROPPED, REPORT_SENT, Result, Store

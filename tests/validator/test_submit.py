@@ -14,8 +14,9 @@ import pytest
 
 from platform_common.chain import Chain, ChainWeights, Hyperparameters, Metagraph, SubmitResult
 from platform_network.v1 import weights_pb2
+from tests.support.waiting import eventually
 from tests.validator.conftest import LocalChain
-from tests.validator.support import NS, VALIDATOR_KEY, eventually, make_vector, signer
+from tests.validator.support import NS, VALIDATOR_KEY, make_vector, signer
 from validator.reports import ReportFactory
 from validator.store import DONE, QUEUED, EpochRecord, Store
 from validator.submit import UNKNOWN_AFTER_STOP, SubmitSettings, Submitter
