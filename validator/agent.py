@@ -250,7 +250,7 @@ class Agent:
         self.intake = intake
         weights = WeightsFollower(store, intake, clock_skew=config.clock_skew, clock=self._clock)
         registry = RegistryFollower(
-            store, on_applied=self._wanted.changed if self._wanted is not None else None
+            store, on_change=self._wanted.changed if self._wanted is not None else None
         )
         self.weights, self.registry = weights, registry
         await weights.load()

@@ -105,25 +105,39 @@ class StreamedRegistry:
     def __init__(self, store: Store, tokens: InstanceTokens) -> None:
         self._store = store
         self._tokens = tokens
-        self._revision = -1
+        self._changes = 0  # registry messages applied by the stream (bookmarks aside)
         self._changed = asyncio.Event()
+        # (self._changes when read, store revision, challenges): the store is read
+        # again only after the stream applied a change, not on every poll.
+        self._read: tuple[int, int, list[registry_pb2.Challenge]] | None = None
 
-    def changed(self, revision: int) -> None:
-        if revision != self._revision:
-            self._revision = revision
-            self._changed.set()
+    def changed(self) -> None:
+        """The stream applied a snapshot or an event to the store."""
+        self._changes += 1
+        self._changed.set()
+
+    def _stale(self) -> bool:
+        return self._read is None or self._read[0] != self._changes
 
     async def wait_after(self, revision: int, within: float) -> None:
-        if self._revision > revision:
+        if self._stale():
             return
         self._changed.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._changed.wait(), within)
 
     async def wanted(self) -> Wanted:
-        cursor = await self._store.cursor("registry")
-        revision = cursor.revision if cursor is not None else 0
-        challenges = await self._store.challenges()
+        read = self._read
+        if read is None or read[0] != self._changes:
+            seen = self._changes
+            cursor = await self._store.cursor("registry")
+            read = (
+                seen,
+                cursor.revision if cursor is not None else 0,
+                await self._store.challenges(),
+            )
+            self._read = read
+        _, revision, challenges = read
         specs: dict[str, RuntimeSpec] = {}
         problems: dict[str, str] = {}
         active = [c for c in challenges if c.status == ACTIVE]

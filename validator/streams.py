@@ -141,9 +141,9 @@ class StreamRunner:
 class RegistryFollower:
     """Applies ``WatchRegistry`` messages to the store's copy of the registry."""
 
-    def __init__(self, store: Store, *, on_applied: Callable[[int], None] | None = None) -> None:
+    def __init__(self, store: Store, *, on_change: Callable[[], None] | None = None) -> None:
         self._store = store
-        self._on_applied = on_applied
+        self._on_change = on_change
         self.cursor: Cursor | None = None
         self.server_epoch = ""
         self.challenges = 0
@@ -195,12 +195,12 @@ class RegistryFollower:
             )
         elif cursor != self.cursor:
             await self._store.apply_registry(cursor)
-        if kind != "bookmark":
-            await self._count()
         self.cursor = cursor
         telemetry.STREAM_REVISION.labels("registry").set(cursor.revision)
-        if self._on_applied is not None:
-            self._on_applied(cursor.revision)
+        if kind != "bookmark":
+            await self._count()
+            if self._on_change is not None:
+                self._on_change()
 
     async def _count(self) -> None:
         challenges = await self._store.challenges()

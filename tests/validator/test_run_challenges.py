@@ -7,6 +7,7 @@ the agent's runtime, called over gRPC with the token the agent gave the instance
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import grpc
 import pytest
 
 from platform_common.runtime import InstanceState
+from platform_network.v1 import registry_pb2
 from tests.helpers import ACTIVE, INACTIVE, create, set_status
 from tests.runtime.support import (
     ALICE,
@@ -27,10 +29,11 @@ from tests.runtime.support import (
     wait_state,
     weights_refused,
 )
-from tests.validator.support import eventually
+from tests.support.waiting import eventually
 from tests.validator.test_agent_master import Site, make_site, start_agent, start_master
 from validator.agent import Agent, StartupError
-from validator.challenges import TOKENS_FILE, InstanceTokens, TokenFileError
+from validator.challenges import TOKENS_FILE, InstanceTokens, StreamedRegistry, TokenFileError
+from validator.store import Cursor, Store
 
 pytestmark = pytest.mark.process
 
@@ -205,3 +208,29 @@ def test_a_tokens_file_that_is_not_one_is_refused(tmp_path: Path, content: str) 
     with pytest.raises(TokenFileError, match=f"{path}: not a tokens file"):
         InstanceTokens(path)
     assert path.read_text() == content, "a refused file is left as it was"
+
+
+def challenge(slug: str, status: int) -> registry_pb2.Challenge:
+    return registry_pb2.Challenge(slug=slug, image=f"{NATIVE}:1.0.0", status=status)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+async def test_the_registry_is_read_again_only_after_the_stream_changed_it(
+    store: Store, tmp_path: Path
+) -> None:
+    wanted = StreamedRegistry(store, InstanceTokens(tmp_path / TOKENS_FILE))
+    await store.apply_registry(Cursor("h", 1), snapshot=[challenge("one", ACTIVE)])
+    first = await wanted.wanted()
+    assert (first.revision, set(first.specs)) == (1, {"one"})
+
+    # Applied without the stream saying so: a poll pass keeps what it read, and waits.
+    await store.apply_registry(Cursor("h", 2), put=challenge("two", ACTIVE))
+    assert set((await wanted.wanted()).specs) == {"one"}
+    await asyncio.wait_for(wanted.wait_after(first.revision, 0.05), 5)
+
+    # The stream applied a change: read again, at once.
+    wanted.changed()
+    await asyncio.wait_for(wanted.wait_after(first.revision, 30), 1)
+    second = await wanted.wanted()
+    assert (second.revision, set(second.specs)) == (2, {"one", "two"})
+    assert second.specs["two"].token == tokens_in(tmp_path)["two"]
