@@ -23,6 +23,11 @@ PLATFORM_ONLY_HEADERS = (
     "x-platform-edge",
 )
 
+# Request headers some frameworks and servers take as the real path (IIS URL Rewrite, Symfony
+# and Zend behind trusted proxies, nginx auth_request set-ups): removed from every inbound
+# request too, so a public route cannot carry an internal path to the challenge in a header.
+PATH_OVERRIDE_HEADERS = ("x-original-url", "x-original-uri", "x-rewrite-url", "x-override-url")
+
 # Paths refused at the edge for every challenge, in addition to its own list.
 BUILTIN_BLOCKED_PREFIXES = ("/internal", "/health", "/version")
 

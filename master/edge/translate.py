@@ -8,7 +8,8 @@ Shape of the edge, per request, in filter order (names are the HCM filter names 
 and virtual-host ``typed_per_filter_config`` refer to):
 
 1. ``envoy.filters.http.header_mutation`` removes every platform-only header a client sent,
-   before anything can read or trust it. The HCM also rejects header names with underscores,
+   before anything can read or trust it, and the headers some servers take as the real path
+   (``x-original-url`` and the like). The HCM also rejects header names with underscores,
    so ``x_platform_verified_hotkey`` cannot reach a framework that folds ``_`` into ``-``.
 2. ``rate_limit_ip`` (local rate limit, inert at listener level, enforced per route on public
    routes) refuses floods before any body is buffered.
@@ -88,6 +89,7 @@ from master.edge.model import (
     AUTHZ_CLUSTER,
     BUILTIN_BLOCKED_PREFIXES,
     LISTENER_NAME,
+    PATH_OVERRIDE_HEADERS,
     PLATFORM_ONLY_HEADERS,
     PUBLIC_PREFIX,
     ROUTE_CONFIG_NAME,
@@ -134,14 +136,20 @@ SEGMENT_CONTINUATIONS = (";", ".", "%")
 # ``i`` before routing) and resolves dot segments; it keeps an encoded "%" (double decoding:
 # ``%2569``), malformed escapes (``%zz``, a lone ``%``) and lead bytes that only occur in
 # overlong or invalid UTF-8 (``%c0%ae`` is an overlong "."), which are refused here, as is any
-# encoded unreserved character that survives normalization (none should).
-# RE2 syntax, matched against the whole normalized path; kept small for Envoy's RE2 program
-# size limit.
+# encoded unreserved character that survives normalization (none should). Also refused:
+# encoded control characters anywhere (``%00``-``%1F``, ``%7F``: servers truncate at NUL or
+# trim them), and a segment that starts with whitespace, with ``;`` or with three dots,
+# because servers that trim whitespace and trailing dots or drop matrix parameters turn
+# ``/ /internal``, ``/;x/internal`` or ``/.../internal`` into ``//internal``, which they then
+# merge into ``/internal`` after the edge routed it as public.
+# RE2 syntax, matched against the whole normalized path (no query); kept small for Envoy's
+# RE2 program size limit.
 NON_CANONICAL_PATH_REGEX = (
-    r".*%(?:25"
+    r".*(?:%(?:25|[01][0-9a-fA-F]|7[fF]"
     r"|[46][1-9a-fA-F]|[57][0-9aA]|3[0-9]|2[dDeE]|5[fF]|7[eE]"
     r"|[cC][01]|[eE]0%[89]|[fF]0%8|[fF][5-9a-fA-F]"
-    r"|[^0-9a-fA-F]|[0-9a-fA-F][^0-9a-fA-F]|[0-9a-fA-F]?$).*"
+    r"|[^0-9a-fA-F]|[0-9a-fA-F][^0-9a-fA-F]|[0-9a-fA-F]?$)"
+    r"|/(?:%20|;|[ \t]|\.\.\.)).*"
 )
 
 ACCESS_LOG_FORMAT: Mapping[str, str] = {
@@ -374,7 +382,7 @@ def _connection_manager(settings: EdgeSettings) -> Any:
 
 def _header_mutation() -> Any:
     mutation = header_mutation_pb2.HeaderMutation()
-    for header in PLATFORM_ONLY_HEADERS:
+    for header in (*PLATFORM_ONLY_HEADERS, *PATH_OVERRIDE_HEADERS):
         mutation.mutations.request_mutations.add(remove=header)
     return mutation
 

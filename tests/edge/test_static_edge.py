@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import random
 import urllib.parse
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from master.edge.model import (
+    PATH_OVERRIDE_HEADERS,
     PLATFORM_ONLY_HEADERS,
     VERIFIED_HOTKEY_HEADER,
     EdgeChallenge,
@@ -131,6 +134,10 @@ def _json(response: RawResponse) -> object:
         ("/challenges/open/internals", "/internals"),
         ("/challenges/open/healthy/x", "/healthy/x"),
         ("/challenges/open/administrators", "/administrators"),
+        # Spaces, matrix parameters and dots inside a segment are ordinary path characters.
+        ("/challenges/open/a%20b/c", "/a%20b/c"),
+        ("/challenges/open/items;page=2", "/items;page=2"),
+        ("/challenges/open/v1.2/x.json", "/v1.2/x.json"),
     ],
 )
 def test_public_route_is_served_without_the_slug_prefix(
@@ -178,6 +185,39 @@ def test_platform_only_headers_from_clients_never_reach_the_upstream(edge: Edge)
     (received,) = edge.upstream.requests()[before:]
     assert received.headers.get("x-other") == "kept"
     assert not set(received.headers) & set(PLATFORM_ONLY_HEADERS)
+
+
+@pytest.mark.parametrize("header", PATH_OVERRIDE_HEADERS)
+def test_path_override_headers_never_reach_the_upstream(edge: Edge, header: str) -> None:
+    before = len(edge.upstream.requests())
+    response = edge.get(
+        "/challenges/open/whoami", headers={header.upper(): "/internal/v1/get_weights"}
+    )
+    assert response.status == 200
+    (received,) = edge.upstream.requests()[before:]
+    assert received.path == "/whoami"
+    assert header not in received.headers
+
+
+@pytest.mark.parametrize(
+    "suffix",
+    [
+        "/%20/x",  # a segment starting with whitespace
+        "/;/x",  # matrix parameters with no segment name
+        "/;a=b/x",
+        "/.../x",  # only dots, which some servers trim away
+        "/x%00",  # encoded control characters anywhere
+        "/x%0a",
+        "/x%7F",
+        "/%2569",  # double encoding
+    ],
+)
+def test_segments_a_lenient_server_would_drop_are_refused(edge: Edge, suffix: str) -> None:
+    before = len(edge.upstream.requests())
+    response = edge.get(f"/challenges/open{suffix}")
+    assert response.status == 400, response.body
+    assert _json(response) == {"error": "bad_request"}
+    assert edge.upstream.requests()[before:] == []
 
 
 def test_header_names_with_underscores_are_refused(edge: Edge) -> None:
@@ -241,6 +281,26 @@ def test_signed_routes_fail_closed_when_authz_is_unreachable(edge: Edge) -> None
     assert edge.upstream.requests()[before:] == []
     # The unsigned part of a partly signed challenge is public.
     assert edge.get("/challenges/partial/other").status == 200
+
+
+@pytest.mark.parametrize(
+    ("suffix", "status"),
+    [
+        ("/x/../submit", 503),
+        ("/%73ubmit", 503),
+        ("/Submit.json", 503),
+        ("/;/submit", 400),
+        ("/%20/submit", 400),
+        ("/.../submit", 400),
+        ("/submit%00", 400),
+    ],
+)
+def test_signed_prefix_spellings_never_reach_the_upstream_unsigned(
+    edge: Edge, suffix: str, status: int
+) -> None:
+    before = len(edge.upstream.requests())
+    assert edge.get(f"/challenges/partial{suffix}").status == status
+    assert edge.upstream.requests()[before:] == []
 
 
 def test_server_sent_events_stream_through_unbuffered(edge: Edge) -> None:
@@ -329,6 +389,15 @@ _BYPASS_SUFFIXES = (
     "/x/%e0%80%ae%e0%80%ae/internal",
     "/x%c0%af..%c0%afinternal",
     "/%zzinternal/../internal",
+    "/;/internal",
+    "/;jsessionid=1/INTERNAL",
+    "/%20/internal",
+    "/%20%20/health;x",
+    "/%09internal",
+    "/%00/internal",
+    "/%7finternal",
+    "/.../internal",
+    "/x/.%2e./internal",
     "/health",
     "/HEALTH/",
     "/health;x",
@@ -380,7 +449,7 @@ def _looks_internal(received_path: str) -> bool:
         if segment == "..":
             if segments:
                 segments.pop()
-        elif segment not in ("", "."):
+        elif segment not in ("", ".") and segment.strip("."):
             segments.append(segment.rstrip(".").split(".", 1)[0] or segment)
     if len(segments) >= 2 and segments[0] == "challenges":
         segments = segments[2:]
@@ -394,6 +463,7 @@ def _looks_internal(received_path: str) -> bool:
         ("/x/..;/INTERNAL", True),
         ("/%2569nternal.json", True),
         ("/x\\..\\health;a", True),
+        ("/;x/%20/.../internal", True),
         ("/challenges/open/version", True),
         ("/internals", False),
         ("/api/health", False),
@@ -415,6 +485,115 @@ def test_bypass_spelling_is_refused(edge: Edge, target: str) -> None:
     response = raw_request_bytes(edge.port, request.encode("latin-1"))
     assert response.status in (400, 403, 404), (response.status, response.body)
     assert edge.upstream.paths()[before:] == []
+
+
+# Generated spellings: the listed corpus above, recombined. Seeded, so every run sends the
+# same requests; a failure names the request-target to add to the corpus.
+_SEPARATORS = (
+    "/",
+    "/",
+    "/",
+    "//",
+    "/./",
+    "/x/../",
+    "/%2e/",
+    "/.;/",
+    "/x/..;/",
+    "\\",
+    "/%5c",
+    "%2f",
+    "/;/",
+    "/;x=1/",
+    "/%20/",
+    "/%09/",
+    "/.../",
+    "/%2e%2e%2e/",
+    "/x;/../",
+    "/%3b/",
+    "/~/../",
+)
+_LEADS = ("", "", "", "%20", "%09", ";", "%3b", ".", "%2e", "~", "%00")
+_ENDINGS = (
+    "",
+    "",
+    "",
+    "/",
+    "/x",
+    ".",
+    "..",
+    ";a=b",
+    ";",
+    "%2e",
+    "%20",
+    "%09",
+    "%00",
+    "?a=/x",
+    "#x",
+    ".json",
+    "/.",
+    "/..",
+    "%3b",
+    "%3F",
+    "%23",
+    "~",
+    "/%2e%2e",
+)
+
+
+def _spell(rng: random.Random, word: str) -> str:
+    """``word`` with each character kept, case-flipped, percent-encoded (either case, or
+    doubly) or written as an overlong UTF-8 sequence."""
+    out = []
+    for char in word:
+        roll = rng.random()
+        if roll < 0.6:
+            out.append(char)
+        elif roll < 0.75:
+            out.append(char.swapcase())
+        elif roll < 0.85:
+            out.append(f"%{ord(char):02X}")
+        elif roll < 0.95:
+            out.append(f"%{ord(char):02x}")
+        elif roll < 0.975:
+            out.append(f"%25{ord(char):02X}")
+        else:
+            out.append(f"%c1%{0x80 | (ord(char) & 0x3F):02x}")
+    return "".join(out)
+
+
+def _generated_bypass_targets(count: int, seed: int = 20261122) -> list[str]:
+    rng = random.Random(seed)
+    targets = []
+    for _ in range(count):
+        root = rng.choice(_SEPARATORS) + _spell(rng, "challenges")
+        if rng.random() < 0.2:
+            root += rng.choice(_SEPARATORS) + "x" + rng.choice(_SEPARATORS) + ".."
+        root += rng.choice(_SEPARATORS) + _spell(rng, "open")
+        name = _spell(rng, rng.choice(sorted(BLOCKED_NAMES)))
+        target = root + rng.choice(_SEPARATORS) + rng.choice(_LEADS) + name
+        target += rng.choice(_ENDINGS)
+        if rng.random() < 0.2:
+            target = rng.choice(("http://127.0.0.1", "http://a")) + "/" + target.lstrip("/")
+        targets.append(target)
+    return targets
+
+
+def test_generated_spellings_never_reach_the_upstream_as_internal(edge: Edge) -> None:
+    targets = _generated_bypass_targets(400)
+    assert len(set(targets)) > 350
+    reached: list[tuple[str, list[str]]] = []
+    statuses: Counter[int] = Counter()
+    for target in targets:
+        before = len(edge.upstream.paths())
+        request = f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        statuses[raw_request_bytes(edge.port, request.encode("latin-1")).status] += 1
+        received = edge.upstream.paths()[before:]
+        if any(_looks_internal(path) for path in received):
+            reached.append((target, received))
+    assert reached == []
+    # Every kind of answer occurs: refusals of each sort, and spellings the edge routes to
+    # public paths, so the check above looked at real upstream traffic too.
+    assert {200, 400, 403, 404} <= set(statuses), statuses
 
 
 def test_upstream_never_received_an_internal_route(edge: Edge) -> None:
