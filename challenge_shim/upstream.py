@@ -29,10 +29,13 @@ _TRANSPORT_FAILURE = re.compile(
     r"end of tcp stream|keepalive",
     re.IGNORECASE,
 )
-# A local sidecar: retry connecting quickly after the challenge restarts.
+# A local sidecar: retry connecting quickly after the challenge restarts. Not
+# ``grpc.min_reconnect_backoff_ms``: gRPC core takes it as the minimum time a connection
+# attempt may take (default 20 s), so a small value abandons handshakes that are merely
+# slow (a challenge starting up, a busy machine) and fails the call; the call's deadline
+# bounds the wait anyway.
 _CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
     ("grpc.enable_retries", 0),
 )
