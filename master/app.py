@@ -441,6 +441,7 @@ class Master:
                 authz_port=authz_port,
                 edge_token=self._edge_token,
                 access_log=config.edge_access_log,
+                trusted_proxies=config.edge_trusted_proxies,
             ),
             EdgeLimits(
                 rate_per_hotkey_per_minute=config.edge_rate_per_hotkey,

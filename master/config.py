@@ -241,6 +241,12 @@ class MasterConfig:
         "Envoy's access log on stdout: 'errors' (refusals and upstream failures), 'all', 'off'",
         choices=("errors", "all", "off"),
     )
+    edge_trusted_proxies: int = setting(
+        0,
+        "load balancers in front of Envoy that append to X-Forwarded-For; the client address "
+        "(per-IP limits, logs) is then taken from that header, that many entries from its end",
+        metavar="N",
+    )
     edge_signature_max_age: float = setting(
         10.0,
         "seconds a signed miner request stays valid (freshness window of the nonce)",
@@ -372,6 +378,8 @@ class MasterConfig:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be at least 1")
         if not 1 <= self.edge_timeout <= 3600:
             raise ConfigError("--edge-timeout: must be 1..3600 seconds")
+        if not 0 <= self.edge_trusted_proxies <= 10:
+            raise ConfigError("--edge-trusted-proxies: must be 0..10")
         if not 1 <= self.edge_signature_max_age <= 300:
             raise ConfigError("--edge-signature-max-age: must be 1..300 seconds")
         if not self.edge_envoy and self.edge_token_value() is None:

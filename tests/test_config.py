@@ -125,3 +125,26 @@ def test_the_operators_guide_sample_config_loads_and_checks(tmp_path: Path) -> N
     assert cfg.load(MasterConfig, parse("--config", str(file)), env).log_level == "debug"
     flagged = cfg.load(MasterConfig, parse("--config", str(file), "--log-format", "json"), env)
     assert flagged.log_format == "json"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (("--edge-envoy",), "--edge-envoy needs --edge-listen"),
+        (("--edge-rate-per-ip", "0"), "--edge-rate-per-ip: must be at least 1"),
+        (("--edge-timeout", "0"), "--edge-timeout: must be 1..3600 seconds"),
+        (("--edge-trusted-proxies", "-1"), "--edge-trusted-proxies: must be 0..10"),
+        (("--edge-trusted-proxies", "11"), "--edge-trusted-proxies: must be 0..10"),
+    ],
+)
+def test_bad_edge_settings_are_refused_naming_the_flag(argv: tuple[str, ...], message: str) -> None:
+    edge = () if "--edge-envoy" in argv else ("--edge-listen", "127.0.0.1:8080", "--edge-envoy")
+    loaded = cfg.load(MasterConfig, parse(*edge, *argv), {"PLATFORM_ADMIN_TOKEN": "t" * 32})
+    with pytest.raises(cfg.ConfigError, match=re.escape(message)):
+        loaded.check()
+
+
+def test_edge_trusted_proxies_from_the_environment() -> None:
+    env = {"PLATFORM_EDGE_TRUSTED_PROXIES": "2"}
+    assert cfg.load(MasterConfig, parse(), env).edge_trusted_proxies == 2
+    assert cfg.load(MasterConfig, parse(), {}).edge_trusted_proxies == 0

@@ -91,6 +91,7 @@ NOT_IN_CHART_YET = frozenset(
         "edge_rate_per_ip",
         "edge_max_body_bytes",
         "edge_timeout",
+        "edge_trusted_proxies",
         "edge_signature_max_age",
         "token_key_file",
         "chain",

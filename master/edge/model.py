@@ -87,6 +87,9 @@ class EdgeSettings:
     # Envoy's access log on stdout: "errors" (status >= 400 or a response flag, i.e.
     # every refusal and upstream failure), "all", or "off".
     access_log: str = "errors"
+    # Proxies in front of Envoy that append the client's address to X-Forwarded-For (a cloud
+    # load balancer: 1). 0 takes the TCP peer, and ignores the header, as a direct edge must.
+    trusted_proxies: int = 0
 
 
 @dataclass(frozen=True)

@@ -345,6 +345,9 @@ def _connection_manager(settings: EdgeSettings) -> Any:
         merge_slashes=True,
         path_with_escaped_slashes_action=hcm_pb2.HttpConnectionManager.REJECT_REQUEST,
         use_remote_address=wrappers_pb2.BoolValue(value=True),
+        # The client address (per-IP limits, access log, x-envoy-external-address) is the
+        # TCP peer, or the entry of X-Forwarded-For this many hops from its end.
+        xff_num_trusted_hops=settings.trusted_proxies,
     )
     hcm.rds.route_config_name = ROUTE_CONFIG_NAME
     hcm.rds.config_source.CopyFrom(_ads_config_source())

@@ -260,6 +260,65 @@ def test_ip_rate_limit_is_per_client_address(edge: Edge) -> None:
     assert edge.get("/challenges/limited/x", source_ip=second).status == 429
 
 
+def test_a_forwarded_for_header_does_not_change_the_client_address(edge: Edge) -> None:
+    # No trusted proxies (the default): the header is the client's own claim and ignored,
+    # so a client cannot get a fresh bucket by inventing addresses.
+    for n in range(IP_LIMIT):
+        forged = {"x-forwarded-for": f"203.0.113.{n + 1}"}
+        assert (
+            edge.get("/challenges/limited/x", source_ip="127.0.0.4", headers=forged).status == 200
+        )
+    forged = {"x-forwarded-for": "203.0.113.99"}
+    assert edge.get("/challenges/limited/x", source_ip="127.0.0.4", headers=forged).status == 429
+
+
+@pytest.fixture(scope="module")
+def proxied_edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
+    """The edge behind one load balancer (``trusted_proxies=1``)."""
+    upstream = UpstreamServer().start()
+    try:
+        state = EdgeState(
+            settings=EdgeSettings(
+                listen_port=free_port(),
+                authz_port=free_port(),
+                edge_token=EDGE_TOKEN,
+                trusted_proxies=1,
+            ),
+            challenges=(
+                EdgeChallenge("limited", "127.0.0.1", upstream.port, _limits(ip=IP_LIMIT)),
+            ),
+        )
+        with _run_edge(state, tmp_path_factory.mktemp("proxied-edge"), upstream) as edge:
+            yield edge
+    finally:
+        upstream.stop()
+
+
+def test_behind_a_trusted_proxy_the_limit_keys_on_the_forwarded_client(
+    proxied_edge: Edge,
+) -> None:
+    edge = proxied_edge
+
+    def via_balancer(client: str) -> RawResponse:
+        # The balancer is one TCP peer for every client; it appends the client's address.
+        return edge.get(
+            "/challenges/limited/x",
+            source_ip="127.0.0.5",
+            headers={"x-forwarded-for": f"198.51.100.200, {client}"},
+        )
+
+    for _ in range(IP_LIMIT):
+        assert via_balancer("203.0.113.1").status == 200
+    assert via_balancer("203.0.113.1").status == 429
+    # Another client behind the same balancer has its own bucket; the address a client
+    # wrote itself (left of the balancer's entry) is not the key.
+    for _ in range(IP_LIMIT):
+        assert via_balancer("203.0.113.2").status == 200
+    received = edge.upstream.requests()[-1]
+    forwarded = [entry.strip() for entry in received.headers["x-forwarded-for"].split(",")]
+    assert forwarded == ["198.51.100.200", "203.0.113.2", "127.0.0.5"]
+
+
 def test_upstream_down_gives_a_safe_503(edge: Edge) -> None:
     response = edge.get("/challenges/down/anything")
     assert response.status == 503

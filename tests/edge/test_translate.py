@@ -110,6 +110,7 @@ CASES: dict[str, EdgeState] = {
             authz_timeout_ms=250,
             max_rate_limit_keys=50_000,
             connect_timeout_ms=500,
+            trusted_proxies=1,
         ),
         # Deliberately not in slug order.
         challenges=(
