@@ -333,6 +333,7 @@ def _get(port: int, target: str, headers: dict[str, str] | None = None) -> tuple
 
 @dataclass
 class Site:
+    master_address: str
     edge_port: int
     sum_public: str
     sum_pid: int
@@ -464,6 +465,7 @@ def site(
         sum_process = challenge.processes[0].proc
         assert sum_process is not None
         yield Site(
+            master_address=address,
             edge_port=edge_port,
             sum_public=sum_public,
             sum_pid=sum_process.pid,
