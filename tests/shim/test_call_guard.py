@@ -8,6 +8,7 @@ policies are given directly rather than read from a proto contract.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,6 +18,7 @@ from prometheus_client import REGISTRY
 
 from platform_common import rpc
 from platform_common.refusals import not_found
+from tests.support.waiting import eventually
 
 SERVICE = "test.guard.v1.Probe"
 ADMIN_METHOD = f"/{SERVICE}/Admin"
@@ -233,10 +235,21 @@ async def test_calls_and_refusals_are_counted() -> None:
         await call(channel, ADMIN_METHOD, ADMIN)
         await refused(channel, ADMIN_METHOD)
         await refused(channel, REFUSING_METHOD, ADMIN)
-        assert count(ADMIN_METHOD, "OK") == ok + 2
-        assert count(ADMIN_METHOD, "UNAUTHENTICATED") == unauthenticated + 1
-        assert count(REFUSING_METHOD, "NOT_FOUND") == not_found_before + 1
-        assert auth_failures(ADMIN_METHOD, "missing") == missing + 1
+
+        # The client can see a refusal's status before the server has counted it (the
+        # count follows the abort), so the counters are read until they settle.
+        async def counted() -> bool:
+            return (
+                count(ADMIN_METHOD, "OK") == ok + 2
+                and count(ADMIN_METHOD, "UNAUTHENTICATED") == unauthenticated + 1
+                and count(REFUSING_METHOD, "NOT_FOUND") == not_found_before + 1
+                and auth_failures(ADMIN_METHOD, "missing") == missing + 1
+            )
+
+        await eventually(counted, "every call and refusal counted once", within=10)
+        # And not more than once.
+        await asyncio.sleep(0.1)
+        assert await counted()
     finally:
         await channel.close()
         await server.stop(0)
