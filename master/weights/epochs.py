@@ -147,7 +147,9 @@ class EpochEngine:
                 continue
             slot, remaining = tempo_position(block, settings.netuid, hyper.tempo)
             if remaining <= settings.lead_blocks and slot != last_slot:
-                await self._run_logged()
+                # Sealed on the metagraph at the block that chose this slot: a block later
+                # the chain may already be in the next tempo.
+                await self._run_logged(block)
                 last_slot = slot
                 wait_blocks = remaining + 1
             else:
@@ -155,9 +157,9 @@ class EpochEngine:
             # Re-check at least every minute: block times drift.
             await asyncio.sleep(min(wait_blocks * settings.block_time, 60.0))
 
-    async def _run_logged(self) -> None:
+    async def _run_logged(self, block: int | None = None) -> None:
         try:
-            await self.run_epoch()
+            await self.run_epoch(block)
         except EpochNotSealed as exc:
             log.error("epoch not sealed", extra={"outcome": exc.outcome, "error": str(exc)})
         except asyncio.CancelledError:
@@ -174,18 +176,19 @@ class EpochEngine:
 
     # -- one epoch --------------------------------------------------------------------
 
-    async def run_epoch(self) -> weights_pb2.Epoch:
-        """Run and seal one epoch now; raises EpochNotSealed when it cannot be sealed."""
+    async def run_epoch(self, block: int | None = None) -> weights_pb2.Epoch:
+        """Run and seal one epoch now, on the metagraph at ``block`` (default: the current
+        block); raises EpochNotSealed when it cannot be sealed."""
         async with self._lock:
             try:
-                epoch = await self._run()
+                epoch = await self._run(block)
             except EpochNotSealed as exc:
                 telemetry.EPOCHS.labels(exc.outcome).inc()
                 raise
             telemetry.EPOCHS.labels("sealed").inc()
             return epoch
 
-    async def _run(self) -> weights_pb2.Epoch:
+    async def _run(self, block: int | None) -> weights_pb2.Epoch:
         settings = self.settings
         started = time.monotonic()
         start_time = self._clock()
@@ -193,7 +196,8 @@ class EpochEngine:
         snapshot = self._registry.snapshot()
         active = [c for c in snapshot.challenges if c.status is Status.ACTIVE]
 
-        block = await self._chain_call(self._chain.current_block())
+        if block is None:
+            block = await self._chain_call(self._chain.current_block())
         metagraph = await self._chain_call(self._chain.metagraph(block))
         hyper = await self._chain_call(self._chain.hyperparameters(block))
         hotkey_to_uid = metagraph.hotkey_to_uid
