@@ -10,21 +10,28 @@ from __future__ import annotations
 import argparse
 import sys
 from importlib.metadata import entry_points
+from typing import Any
+
+
+class Parser(argparse.ArgumentParser):
+    """No prefix matching of long options, here and in every subcommand below (argparse
+    builds subparsers with the class of their parent): ``--hotkey SECRET`` must not be taken
+    for ``--hotkey-file SECRET``, nor ``--edge-token`` for ``--edge-token-file`` (a secret
+    on the command line, visible in the process list)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="platform",
         description="Platform: a control plane that runs many challenges as one Bittensor subnet.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for entry in sorted(entry_points(group="platform_network.commands"), key=lambda e: e.name):
         entry.load()(subparsers)
-    # No prefix matching: `--hotkey SECRET` must not be taken for `--hotkey-file SECRET`
-    # (a secret on the command line, visible in the process list).
-    parser.allow_abbrev = False
-    for command in subparsers.choices.values():
-        command.allow_abbrev = False
     return parser
 
 

@@ -27,9 +27,6 @@ def register(subparsers: Any) -> None:
         + "\n\nPrecedence: flags > PLATFORM_* environment > --config file ([validator] table)"
         " > defaults.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        # Else `--hotkey SECRET` would pass as an abbreviation of --hotkey-file, with the
-        # secret in the process listing.
-        allow_abbrev=False,
     )
     cfg.add_arguments(parser, ValidatorConfig)
     parser.set_defaults(func=run_validator)

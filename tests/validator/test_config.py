@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from platform_common import config as cfg
+from platform_common.cli import build_parser
 from tests.validator.support import VALIDATOR_KEY, agent_config, master_hotkey, signer
-from validator.cli import register
 from validator.config import ValidatorConfig
 from validator.streams import Backoff
 
@@ -39,12 +39,32 @@ def test_settings_come_from_flags_environment_and_file(tmp_path: Path) -> None:
     loaded.check()
 
 
-def test_the_hotkey_is_never_a_flag(capsys: pytest.CaptureFixture[str]) -> None:
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers())
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["validator", "--hotkey", VALIDATOR_KEY], "--hotkey"),
+        # A nested subcommand: no prefix of --edge-token-file either.
+        (
+            [
+                "edge",
+                "bootstrap",
+                "--xds",
+                "127.0.0.1:1",
+                "--node-id",
+                "n",
+                "--edge-token",
+                "a-secret",
+            ],
+            "--edge-token",
+        ),
+    ],
+)
+def test_a_secret_is_never_taken_for_a_file_flag(
+    capsys: pytest.CaptureFixture[str], argv: list[str], flag: str
+) -> None:
     with pytest.raises(SystemExit):
-        parser.parse_args(["validator", "--hotkey", VALIDATOR_KEY])
-    assert "unrecognized arguments: --hotkey" in capsys.readouterr().err
+        build_parser().parse_args(argv)
+    assert f"unrecognized arguments: {flag}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
