@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import signal
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from challenge_shim.service import ShimService
 from challenge_shim.upstream import GrpcUpstream, Upstream
 from platform_common import metrics, rpc
 from platform_common.config import join_host_port, parse_host_port
+from platform_common.files import write_atomically
 from platform_network.v1 import challenge_pb2, challenge_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ class Shim:
                 "broker": self.broker_address or None,
                 "metrics": self._metrics.port if self._metrics else None,
             }
-            _write_atomically(Path(config.ready_file), json.dumps(ready))
+            write_atomically(Path(config.ready_file), json.dumps(ready) + "\n")
 
     async def stop(self) -> None:
         log.info("shim shutting down", extra={"grace_seconds": self.config.shutdown_grace})
@@ -155,9 +155,3 @@ async def serve(config: ShimConfig) -> None:
         await stop.wait()
     finally:
         await shim.stop()
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_text(text + "\n")
-    tmp.replace(path)

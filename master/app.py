@@ -50,6 +50,7 @@ from platform_common import metrics, rpc, tokens
 from platform_common import weights as weight_math
 from platform_common.chain import Chain, open_chain
 from platform_common.config import ConfigError, join_host_port, parse_host_port
+from platform_common.files import write_atomically
 from platform_common.keys import Signer, load_signer, load_signer_file
 from platform_common.runtime import RuntimeBusy
 from platform_common.runtime.images import ImageMapError
@@ -202,7 +203,7 @@ class Master:
             },
         )
         if config.ready_file:
-            _write_atomically(Path(config.ready_file), address)
+            write_atomically(Path(config.ready_file), address + "\n")
 
     def _build_server(self, store: RegistryStore, weights_store: WeightsStore) -> rpc.Server:
         config = self.config
@@ -595,9 +596,3 @@ class ChallengeTokens:
                 f"invalid challenge token for {slug!r}", reason="invalid_token"
             )
         return rpc.Caller("challenge", slug)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_text(text + "\n")
-    tmp.replace(path)

@@ -29,6 +29,7 @@ from typing import Any
 
 import grpc
 
+from platform_common.files import write_atomically
 from platform_network.v1 import registry_pb2, registry_pb2_grpc, weights_pb2, weights_pb2_grpc
 
 STATE_DIR = Path(".dev")
@@ -194,8 +195,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _secret(path: Path, value: str) -> str:
     if not path.exists():
-        path.write_text(value + "\n")
-        path.chmod(0o600)
+        write_atomically(path, value + "\n", private=True)
     return path.read_text().strip()
 
 

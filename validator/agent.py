@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -30,6 +29,7 @@ from typing import Any, TypeVar
 from platform_common import callauth
 from platform_common.chain import Chain, open_chain
 from platform_common.config import join_host_port, parse_host_port
+from platform_common.files import write_atomically
 from platform_common.keys import Signer
 from platform_common.runtime import Instance, RuntimeBusy
 from platform_common.runtime.images import ImageMapError
@@ -164,7 +164,9 @@ class Agent:
         )
         if config.ready_file and self._status is not None:
             host, _ = parse_host_port(config.metrics_listen, "--metrics-listen")
-            _write_atomically(Path(config.ready_file), join_host_port(host, self.metrics_port))
+            write_atomically(
+                Path(config.ready_file), join_host_port(host, self.metrics_port) + "\n"
+            )
 
     async def _open_runtime(self, store: Store) -> None:
         """The local runtime on --runtime-dir (locked: one agent per directory) and the
@@ -418,12 +420,6 @@ async def _cancel(task: asyncio.Task[None] | None) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await task
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_text(text + "\n")
-    tmp.replace(path)
 
 
 async def serve(config: ValidatorConfig) -> None:

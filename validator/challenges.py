@@ -21,11 +21,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import secrets
 from collections.abc import Iterable
 from pathlib import Path
 
+from platform_common.files import write_atomically
 from platform_common.runtime import Instance, InstanceState, RuntimeSpec
 from platform_common.runtime.reconcile import Wanted
 from platform_network.v1 import registry_pb2
@@ -83,17 +83,9 @@ class InstanceTokens:
 
     def _write(self) -> None:
         body = json.dumps({"version": TOKENS_VERSION, "tokens": self._tokens}, sort_keys=True)
-        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as out:
-                out.write(body + "\n")
-                out.flush()
-                os.fsync(out.fileno())
-            tmp.replace(self.path)
+            write_atomically(self.path, body + "\n", private=True, durable=True)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             raise TokenFileError(f"{self.path}: cannot write: {exc}") from exc
 
 

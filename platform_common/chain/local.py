@@ -48,6 +48,7 @@ from bittensor.sp_core import Keypair, ss58_decode
 from platform_common.chain.conversion import within_max_weight_limit
 from platform_common.chain.extrinsic import ExtrinsicRejected, Receipt, extrinsic_hash, verified
 from platform_common.chain.interface import U16_MAX
+from platform_common.files import write_atomically
 
 T = TypeVar("T")
 
@@ -413,12 +414,9 @@ class LocalSubnet:
             self._stamp = stamp
 
     def _save(self) -> None:
-        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with temporary.open("w") as handle:
-            json.dump(self._document(), handle, separators=(",", ":"))
-            handle.flush()
-            os.fsync(handle.fileno())
-        temporary.replace(self.path)
+        write_atomically(
+            self.path, json.dumps(self._document(), separators=(",", ":")), durable=True
+        )
         self._stamp = self._file_stamp()
 
     @contextlib.contextmanager

@@ -26,6 +26,7 @@ from platform_common.chain.extrinsic import ExtrinsicRejected
 from platform_common.chain.local import LocalSubnet
 from platform_common.chain.remote import RPC_PATH
 from platform_common.config import join_host_port
+from platform_common.files import write_atomically
 
 log = logging.getLogger("platform.chain")
 
@@ -201,10 +202,7 @@ async def serve(subnet: LocalSubnet, host: str, port: int, ready_file: str = "")
             extra={"state": str(subnet.path), "block_time": subnet.block_time},
         )
         if ready_file:
-            target = Path(ready_file)
-            temporary = target.with_name(target.name + ".tmp")
-            temporary.write_text(address + "\n")
-            temporary.replace(target)
+            write_atomically(Path(ready_file), address + "\n")
         await stop.wait()
     finally:
         await runner.cleanup()

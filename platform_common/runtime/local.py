@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from platform_common.config import ConfigError, join_host_port, parse_host_port
+from platform_common.files import write_atomically
 from platform_common.runtime.images import ImageEntry, ImageMap, UnknownImage
 from platform_common.runtime.interface import (
     Instance,
@@ -240,11 +241,7 @@ def _tail(path: Path) -> str:
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
     """Atomically, readable by the owner only."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-    tmp.replace(path)
+    write_atomically(path, json.dumps(data, indent=1, sort_keys=True), private=True)
 
 
 def _read_ready(path: Path) -> dict[str, Any] | None:
