@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.devnet import dev_env, free_port, launch, left_behind, read_until
+from tests.support.devnet import dev_env, launch, left_behind, read_until
 from tests.support.master import VENV_BIN
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,8 +23,8 @@ pytestmark = pytest.mark.process
 
 def test_dev_prints_commands_that_work_and_stops_everything(tmp_path: Path) -> None:
     env = dev_env()
-    edge_port = free_port()
-    proc = launch(tmp_path, tmp_path / "state", edge_port, validators=1)
+    # Every port 0: the banner says which ones were taken.
+    proc = launch(tmp_path, tmp_path / "state", 0, validators=1)
     seen: list[str] = []
     try:
         # Chain, master, challenges, edge and validators first: generous on a busy machine.
@@ -33,7 +33,9 @@ def test_dev_prints_commands_that_work_and_stops_everything(tmp_path: Path) -> N
         address = re.search(r"master\s+(127\.0\.0\.1:\d+)", banner)
         assert address is not None
         assert re.search(r"metrics\s+http://127\.0\.0\.1:[1-9]\d*/metrics", banner)
-        assert re.search(rf"edge\s+http://127\.0\.0\.1:{edge_port}/challenges/\{{slug\}}/", banner)
+        edge = re.search(r"edge\s+http://127\.0\.0\.1:([1-9]\d*)/challenges/\{slug\}/", banner)
+        assert edge is not None
+        edge_port = int(edge.group(1))
         assert re.search(r"chain\s+http://127\.0\.0\.1:\d+", banner)
         assert re.search(r"validators\s+1 agents", banner)
         # The edge is a real Envoy configured by the master: unknown slugs are 404.

@@ -213,7 +213,7 @@ async def _until(done: Callable[[], bool], within: float) -> None:
         await asyncio.sleep(_READY_POLL)
 
 
-def _free_ports(count: int) -> list[int]:
+def free_ports(count: int) -> list[int]:
     """``count`` distinct free ports (all held at once while picking, so none repeats)."""
     with contextlib.ExitStack() as stack:
         ports = []
@@ -509,7 +509,7 @@ class _Supervisor:
         if set(roles) - set(self.ports):
             # Chosen once and kept across restarts, so placement stays put; fresh ones
             # only after a start attempt failed (one of them may have been taken).
-            self.ports = dict(zip(roles, _free_ports(len(roles)), strict=True))
+            self.ports = dict(zip(roles, free_ports(len(roles)), strict=True))
         internal = join_host_port(HOST, self.ports["internal"])
         public = join_host_port(HOST, self.ports["public"])
         broker = join_host_port(HOST, self.ports["broker"]) if rt.master_address else ""
