@@ -104,7 +104,7 @@ class Reporter:
         while True:
             self._wake.clear()
             batch = await self._store.unsent_reports(BATCH)
-            telemetry.REPORTS_QUEUED.set(len(batch))
+            telemetry.REPORTS_QUEUED.set(await self._store.count_unsent_reports())
             if not batch:
                 await self._wake.wait()
                 continue

@@ -47,6 +47,7 @@ from sqlalchemy import (
     Text,
     delete,
     event,
+    func,
     select,
     update,
 )
@@ -356,6 +357,18 @@ class Store:
             )
             return [weights_pb2.WeightVector.FromString(row.vector) for row in rows]
 
+    async def last_submitted_epoch(self) -> int:
+        """The newest epoch set (or committed) on chain by this validator; 0 for none."""
+        done = (
+            weights_pb2.SUBMISSION_OUTCOME_SUBMITTED,
+            weights_pb2.SUBMISSION_OUTCOME_COMMITTED,
+        )
+        async with self._engine.connect() as conn:
+            newest = await conn.scalar(
+                select(func.max(epochs_table.c.epoch)).where(epochs_table.c.outcome.in_(done))
+            )
+            return int(newest or 0)
+
     async def pending(self) -> list[EpochRecord]:
         """Epochs claimed for submission and never finished."""
         async with self._engine.connect() as conn:
@@ -445,6 +458,14 @@ class Store:
                 .limit(limit)
             )
             return [_stored_report(row._mapping) for row in rows]
+
+    async def count_unsent_reports(self) -> int:
+        """How many reports wait for the master's acknowledgement."""
+        async with self._engine.connect() as conn:
+            count = await conn.scalar(
+                select(func.count()).where(reports_table.c.state == REPORT_QUEUED)
+            )
+            return int(count or 0)
 
     async def reports(self) -> list[StoredReport]:
         """Every report, oldest first."""

@@ -101,10 +101,7 @@ class Submitter:
 
     async def recover(self) -> int:
         """Close the epochs a previous run left pending (see :mod:`validator.store`)."""
-        included = (Outcome.SUBMISSION_OUTCOME_SUBMITTED, Outcome.SUBMISSION_OUTCOME_COMMITTED)
-        for record in await self._store.epochs():
-            if record.outcome in included:
-                self.submitted_epoch = record.epoch
+        self._mark_submitted(await self._store.last_submitted_epoch())
         pending = await self._store.pending()
         for record in pending:
             result = Result(Outcome.SUBMISSION_OUTCOME_FAILED, UNKNOWN_AFTER_STOP)
@@ -119,6 +116,11 @@ class Submitter:
         if pending:
             self._on_report()
         return len(pending)
+
+    def _mark_submitted(self, epoch: int) -> None:
+        """The newest epoch on chain, for /healthz and the gauge alike."""
+        self.submitted_epoch = epoch
+        telemetry.SUBMITTED_EPOCH.set(epoch)
 
     async def run(self) -> None:
         await self.recover()
@@ -145,8 +147,7 @@ class Submitter:
             "reason": result.message,
         }
         if skipped is None:
-            self.submitted_epoch = vector.epoch
-            telemetry.SUBMITTED_EPOCH.set(vector.epoch)
+            self._mark_submitted(vector.epoch)
             log.info(
                 "weights set on chain",
                 extra={**extra, "block": result.block, "extrinsic_hash": result.extrinsic_hash},

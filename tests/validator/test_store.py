@@ -121,6 +121,20 @@ async def test_reports_leave_the_outbox_in_order_once_sent(store: Store) -> None
     left = await store.unsent_reports()
     assert [r.report.epoch for r in left] == [2, 3]
     assert (left[0].attempts, left[0].last_error) == (1, "UNAVAILABLE: down")
+    assert await store.count_unsent_reports() == 2
+    # A batch is bounded, the count is not.
+    assert [r.report.epoch for r in await store.unsent_reports(1)] == [2]
+
+
+async def test_the_last_submitted_epoch_counts_submitted_and_committed_only(store: Store) -> None:
+    assert await store.last_submitted_epoch() == 0
+    committed = Result(Outcome.SUBMISSION_OUTCOME_COMMITTED, "committed", 7, "0x" + "cd" * 32)
+    failed = Result(Outcome.SUBMISSION_OUTCOME_FAILED, "refused")
+    for epoch, result in ((2, SUBMITTED), (5, committed), (9, failed)):
+        vector = make_vector(epoch)
+        await store.accept(vector)
+        await store.finish(vector.epoch_id, result, report(vector, result))
+    assert await store.last_submitted_epoch() == 5
 
 
 async def test_everything_survives_a_reopen(store_url: str) -> None:

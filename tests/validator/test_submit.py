@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from platform_common.chain import Chain, ChainWeights, Hyperparameters, Metagraph, SubmitResult
 from platform_network.v1 import weights_pb2
@@ -20,6 +21,7 @@ from tests.validator.support import NS, VALIDATOR_KEY, make_vector, signer
 from validator.reports import ReportFactory
 from validator.store import DONE, QUEUED, EpochRecord, Store
 from validator.submit import UNKNOWN_AFTER_STOP, SubmitSettings, Submitter
+from validator.telemetry import SUBMITTED_EPOCH
 
 Outcome = weights_pb2.SubmissionOutcome
 HOTKEY = signer(VALIDATOR_KEY).ss58_address
@@ -223,6 +225,16 @@ async def test_an_epoch_left_pending_by_a_crash_is_never_submitted_again(
     await harness.queue(newer)
     assert (await harness.outcome(newer)).outcome == Outcome.SUBMISSION_OUTCOME_SUBMITTED
     assert await harness.extrinsics() == 1
+    # A restarted agent knows its newest submitted epoch, in /healthz and the gauge alike.
+    await harness.stop()
+    SUBMITTED_EPOCH.set(0)
+    restarted = harness.start()
+
+    async def recovered() -> bool:
+        gauge = REGISTRY.get_sample_value("platform_validator_submitted_epoch")
+        return restarted.submitted_epoch == 2 and gauge == 2
+
+    await eventually(recovered, what="the submitted epoch recovered from the store")
 
 
 async def test_a_shutdown_during_a_wait_hands_the_epoch_back(harness: Harness) -> None:
