@@ -106,9 +106,9 @@ class ShimService(challenge_pb2_grpc.ChallengeInternalServicer):
         if violations:
             raise refusals.invalid(violations)
         try:
-            health = await self._health_answer(context)
+            health = await self._checked_health(context)
         except ChallengeCallError as exc:
-            # Unreachable, too slow, failing: the same status as the weights call would get.
+            # Unreachable or failing: the same status as the weights call would get.
             await context.abort(exc.code, exc.message)
         if health.status != challenge_pb2.HEALTH_STATUS_SERVING:
             state = challenge_pb2.HealthStatus.Name(health.status).removeprefix("HEALTH_STATUS_")
@@ -158,19 +158,26 @@ class ShimService(challenge_pb2_grpc.ChallengeInternalServicer):
         self, request: challenge_pb2.HealthRequest, context: Context
     ) -> challenge_pb2.HealthResponse:
         await self._refuse_if_draining(context)
+        try:
+            return await self._checked_health(context)
+        except ChallengeCallError as exc:
+            # Health never fails because of the challenge: the cause is the message.
+            return _not_serving(exc.message)
+
+    async def _checked_health(self, context: Context) -> challenge_pb2.HealthResponse:
+        """The challenge's health answer; one that takes longer than ``--health-timeout``
+        is NOT_SERVING. The master's own deadline running out first aborts the call with
+        DEADLINE_EXCEEDED; other failures raise ChallengeCallError."""
         remaining = context.time_remaining()
         master_binds = remaining is not None and remaining < self._health_timeout
         try:
             return await self._health_answer(context)
         except ChallengeCallError as exc:
-            if exc.code == grpc.StatusCode.DEADLINE_EXCEEDED and master_binds:
-                # The master's own deadline ran out, not the shim's health timeout.
+            if exc.code != grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise
+            if master_binds:
                 await context.abort(exc.code, exc.message)
-            # Health never fails because of the challenge: the cause is the message.
-            return challenge_pb2.HealthResponse(
-                status=challenge_pb2.HEALTH_STATUS_NOT_SERVING,
-                message=exc.message[:HEALTH_MESSAGE_MAX],
-            )
+            return _not_serving(exc.message)
 
     async def _health_answer(self, context: Context) -> challenge_pb2.HealthResponse:
         """The challenge's own health answer, within ``--health-timeout``; raises
@@ -298,3 +305,9 @@ class ShimService(challenge_pb2_grpc.ChallengeInternalServicer):
             metrics.CHALLENGE_LATENCY.labels(method).observe(time.perf_counter() - started)
         metrics.CHALLENGE_CALLS.labels(method, "ok").inc()
         return result
+
+
+def _not_serving(cause: str) -> challenge_pb2.HealthResponse:
+    return challenge_pb2.HealthResponse(
+        status=challenge_pb2.HEALTH_STATUS_NOT_SERVING, message=cause[:HEALTH_MESSAGE_MAX]
+    )

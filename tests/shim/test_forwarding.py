@@ -48,6 +48,7 @@ pytestmark = pytest.mark.process
 
 ALICE = Keypair.create_from_uri("//Alice").ss58_address
 MAX_DEADLINE = 3.0
+HEALTH_TIMEOUT = 0.5
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
@@ -56,6 +57,7 @@ class Recorder:
     requests: list[WeightsRequest] = field(default_factory=list)
     broker_metadata: list[dict[str, str]] = field(default_factory=list)
     health: HealthReport = field(default_factory=lambda: HealthReport(HealthState.SERVING))
+    health_delay: float = 0.0
 
 
 class StandInBroker(broker_pb2_grpc.BrokerServicer):
@@ -141,6 +143,7 @@ async def setup(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Setup
 
     @challenge.health
     async def health() -> HealthReport:
+        await asyncio.sleep(recorder.health_delay)
         return recorder.health
 
     running = await challenge.start("127.0.0.1:0", token=TOKEN, grace=0.5)
@@ -154,6 +157,8 @@ async def setup(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Setup
         running.address,
         "--max-deadline",
         str(MAX_DEADLINE),
+        "--health-timeout",
+        str(HEALTH_TIMEOUT),
         "--master-address",
         f"127.0.0.1:{master_port}",
         "--broker-listen",
@@ -209,6 +214,27 @@ async def test_a_challenge_not_serving_is_not_asked_for_weights(setup: Setup) ->
     answer = await setup.client.GetWeights(weights_request(), metadata=AUTH, timeout=10)
     assert [(e.hotkey, e.score) for e in answer.entries] == [(ALICE, 1.0)]
     assert len(setup.recorder.requests) == asked + 1
+
+
+async def test_a_health_check_slower_than_the_health_timeout_is_not_serving(
+    setup: Setup,
+) -> None:
+    asked = len(setup.recorder.requests)
+    setup.recorder.health_delay = HEALTH_TIMEOUT * 4
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await setup.client.GetWeights(weights_request(), metadata=AUTH, timeout=10)
+        health = await setup.client.Health(challenge_pb2.HealthRequest(), metadata=AUTH, timeout=10)
+    finally:
+        setup.recorder.health_delay = 0.0
+    # Recorded by the master as unhealthy, not as a weights call that timed out.
+    reason = not_serving.reason_of(info.value)
+    assert reason is not None
+    assert reason.startswith("health NOT_SERVING: "), reason
+    assert len(setup.recorder.requests) == asked, "the weights hook must not have been called"
+    # The Health call says the same.
+    assert health.status == challenge_pb2.HEALTH_STATUS_NOT_SERVING
+    assert reason == f"health NOT_SERVING: {health.message}"
 
 
 async def test_time_budget_is_the_smaller_deadline(setup: Setup) -> None:
