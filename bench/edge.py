@@ -104,8 +104,8 @@ from platform_common.miner import signed_headers
 from platform_network.v1 import registry_pb2, registry_pb2_grpc
 from tests.epochs.live import launch
 from tests.helpers import ACTIVE, spec
-from tests.support.devnet import free_port
 from tests.support.master import ADMIN, MasterProcess
+from tests.support.ports import free_port
 
 MODULE = "bench.edge"
 REPO = Path(__file__).resolve().parents[1]

@@ -34,7 +34,8 @@ from bench.common import (
     rss_mib,
     table,
 )
-from tests.support.devnet import free_port, launch
+from tests.support.devnet import launch
+from tests.support.ports import free_port
 
 
 def _validator_pids(state: Path) -> list[int]:

@@ -39,7 +39,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from master import cli as master_cli
 from master.config import MasterConfig
 from platform_common import config as cfg
-from tests.support.postgres import PostgresServer, free_port
+from tests.support.ports import free_port
+from tests.support.postgres import PostgresServer
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "platform-master"

@@ -26,7 +26,8 @@ from platform_common.chain import LocalSubnet
 from platform_common.keys import load_signer
 from platform_common.miner import signed_headers
 from platform_network.v1 import weights_pb2, weights_pb2_grpc
-from tests.support.devnet import free_port, launch, left_behind, read_until
+from tests.support.devnet import launch, left_behind, read_until
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.process
 

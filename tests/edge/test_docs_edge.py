@@ -29,8 +29,8 @@ from platform_network.v1 import registry_pb2
 from tests.edge.envoy_support import raw_request
 from tests.epochs.live import LiveChallenge, launch
 from tests.helpers import ACTIVE, create, set_status
-from tests.support.devnet import free_port
 from tests.support.master import VENV_BIN, RunningMaster, start_master
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.process
 

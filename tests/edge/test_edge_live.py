@@ -28,8 +28,8 @@ from platform_common.miner import signed_headers
 from platform_network.v1 import registry_pb2
 from tests.edge.envoy_support import RawResponse, UpstreamServer, raw_request
 from tests.helpers import ACTIVE, INACTIVE, create, set_status
-from tests.support.devnet import free_port
 from tests.support.master import ADMIN, RunningMaster, start_master
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.process
 

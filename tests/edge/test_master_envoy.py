@@ -10,8 +10,8 @@ import psutil
 import pytest
 
 from tests.edge.envoy_support import raw_request
-from tests.support.devnet import free_port
 from tests.support.master import MasterProcess
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.process
 

@@ -39,7 +39,7 @@ from tests.edge.envoy_support import (
     raw_request,
     raw_request_bytes,
 )
-from tests.support.devnet import free_port
+from tests.support.ports import free_port
 
 BODY_LIMIT = 1024
 IP_LIMIT = 3

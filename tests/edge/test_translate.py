@@ -43,7 +43,7 @@ from master.edge.model import (
 )
 from master.edge.translate import static_bootstrap, translate
 from tests.edge.envoy_support import validate
-from tests.support.devnet import free_port
+from tests.support.ports import free_port
 
 GOLDEN = Path(__file__).parent / "golden"
 REGEN_ENV = "PLATFORM_REGEN_GOLDEN"

@@ -11,7 +11,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import aiohttp
 import grpc
@@ -31,8 +31,6 @@ TOKEN = "test-runtime-token-0123456789abcdef"
 ALICE = "5GrwvaEF5zXb26Fz9rcQpDWS57CtERHpNehXCPcNoHGKutQY"
 HOTKEY_HEADER = "X-Platform-Verified-Hotkey"
 WITHIN = 45.0  # bound for a pair of Python processes to start on a busy 2-CPU machine
-
-T = TypeVar("T")
 
 
 def images() -> ImageMap:

@@ -8,13 +8,13 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.shim.support import REPO
+from tests.support.ports import free_port
 
 GUIDE = REPO / "docs" / "challenges.md"
 _BLOCK = re.compile(r"^```(\w+)\n(.*?)^```", re.MULTILINE | re.DOTALL)
@@ -25,12 +25,6 @@ pytestmark = pytest.mark.process
 
 def blocks(language: str) -> list[str]:
     return [m.group(2) for m in _BLOCK.finditer(GUIDE.read_text()) if m.group(1) == language]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_python_blocks_compile() -> None:

@@ -12,12 +12,13 @@ import asyncio
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import asyncpg
+
+from tests.support.ports import free_port
 
 
 def find_bin_dir() -> Path:
@@ -34,12 +35,6 @@ def find_bin_dir() -> Path:
         "PostgreSQL server binaries not found; install Debian's 'postgresql' package "
         "(make setup does this) or set PLATFORM_TEST_PG_BIN"
     )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class PostgresServer:

@@ -24,8 +24,8 @@ from platform_network.v1 import registry_pb2, weights_pb2, weights_pb2_grpc
 from tests.conftest import fresh_database
 from tests.epochs.conftest import EpochMaster, Subnet, start_epoch_master
 from tests.helpers import create
-from tests.support.devnet import free_port
 from tests.support.master import ADMIN, MasterProcess
+from tests.support.ports import free_port
 from tests.support.waiting import eventually
 from tests.validator.conftest import fresh_store_url
 from tests.validator.support import MASTER_KEY, VALIDATOR_KEY, agent_config, signer

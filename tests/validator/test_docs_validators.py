@@ -24,8 +24,8 @@ from prometheus_client import Counter, Gauge, Histogram
 from platform_common.runtime.local import RECORD
 from tests.helpers import ACTIVE, create, set_status
 from tests.runtime.support import IMAGE_MAP, NATIVE, Runtimes, alive
-from tests.support.devnet import free_port
 from tests.support.master import VENV_BIN
+from tests.support.ports import free_port
 from tests.support.waiting import eventually
 from tests.validator.support import VALIDATOR_KEY, master_hotkey, signer
 from tests.validator.test_agent_master import Site, make_site, start_master
