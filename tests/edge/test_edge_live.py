@@ -9,6 +9,7 @@ Requests go out from worker threads so the event loop keeps serving Envoy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -364,6 +365,7 @@ async def test_only_the_edge_token_reaches_xds_and_ext_authz(
 ) -> None:
     import grpc
     from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+    from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
     stub = external_auth_pb2_grpc.AuthorizationStub(edge.running.channel)
     with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -374,3 +376,17 @@ async def test_only_the_edge_token_reaches_xds_and_ext_authz(
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await stub.Check(external_auth_pb2.CheckRequest(), metadata=ADMIN)
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    # Nor is Envoy's configuration served to anyone else.
+    ads = ads_pb2_grpc.AggregatedDiscoveryServiceStub(edge.running.channel)
+    for refused_metadata in (metadata, ADMIN):
+        stream = ads.StreamAggregatedResources(metadata=refused_metadata)
+        request = discovery_pb2.DiscoveryRequest(
+            type_url="type.googleapis.com/envoy.config.cluster.v3.Cluster"
+        )
+        request.node.id = "intruder"
+        with contextlib.suppress(grpc.aio.AioRpcError):  # the server may refuse first
+            await stream.write(request)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stream.read()
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
