@@ -75,7 +75,8 @@ async def _paid_epoch(address: str, metadata: Any) -> weights_pb2.Epoch:
     raise AssertionError("no epoch paid the miner")
 
 
-async def _submitted_by_all(address: str, metadata: Any, epoch: int) -> set[str]:
+async def _submitted_by_all(address: str, metadata: Any, epoch: int) -> dict[str, int]:
+    """The block at which each validator set ``epoch``'s weights, once all of them did."""
     async with grpc.aio.insecure_channel(address) as channel:
         stub = weights_pb2_grpc.WeightsStub(channel)
         deadline = time.monotonic() + WITHIN
@@ -84,11 +85,11 @@ async def _submitted_by_all(address: str, metadata: Any, epoch: int) -> set[str]
                 weights_pb2.ListSubmissionsRequest(epoch=epoch, page_size=50), metadata=metadata
             )
             done = {
-                s.report.validator_hotkey
+                s.report.validator_hotkey: s.report.block
                 for s in answer.submissions
                 if s.report.outcome == weights_pb2.SUBMISSION_OUTCOME_SUBMITTED
             }
-            if done >= set(VALIDATORS):
+            if set(done) >= set(VALIDATORS):
                 return done
             await asyncio.sleep(1)
     raise AssertionError(f"epoch {epoch} was not submitted by every validator")
@@ -123,13 +124,14 @@ def test_a_miner_through_the_edge_ends_up_in_the_weights_every_validator_sets(
         paid = {w.uid: w.hotkey for w in epoch.vector.weights}
         assert paid[MINER_UID] == MINER.ss58_address
         submitted = asyncio.run(_submitted_by_all(address.group(1), metadata, epoch.vector.epoch))
-        assert submitted >= set(VALIDATORS)
+        assert set(submitted) >= set(VALIDATORS)
 
-        # What each validator put on chain is the master's u16 vector for that epoch.
+        # What each validator put on chain is the master's u16 vector for that epoch (read
+        # at the block it reported: a later epoch may have replaced it since).
         chain = LocalSubnet.open(state / "chain.json")
         expected = epoch.vector.chain_weights
-        for uid in (0, 1):
-            row = asyncio.run(chain.weights_set(uid))
+        for uid, hotkey in enumerate(VALIDATORS):
+            row = asyncio.run(chain.weights_set(uid, block=submitted[hotkey]))
             assert row is not None, f"validator {uid} set no weights"
             assert (row.uids, row.values) == (tuple(expected.uids), tuple(expected.values))
     finally:

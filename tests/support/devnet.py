@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -50,17 +52,25 @@ def launch(cwd: Path, state: Path, edge_port: int, *, validators: int) -> subpro
 def read_until(
     proc: subprocess.Popen[str], pattern: str, seen: list[str], within: float = 30
 ) -> str:
-    """Read output lines into ``seen`` until one matches ``pattern``; fail after ``within`` s."""
+    """Read output lines into ``seen`` until one matches ``pattern``; fail after ``within`` s.
+
+    A ``platform dev`` that goes quiet would leave ``readline`` waiting forever: past the
+    deadline it is asked to stop (SIGINT, as Ctrl-C), which ends its output."""
     assert proc.stdout is not None
     deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        seen.append(line)
-        if re.search(pattern, line):
-            return line
-    raise AssertionError(f"{pattern!r} not printed; got:\n{''.join(seen)}")
+    watchdog = threading.Timer(within, proc.send_signal, (signal.SIGINT,))
+    watchdog.start()
+    try:
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            seen.append(line)
+            if re.search(pattern, line):
+                return line
+    finally:
+        watchdog.cancel()
+    raise AssertionError(f"{pattern!r} not printed within {within:g} s; got:\n{''.join(seen)}")
 
 
 def left_behind(state: Path) -> list[list[str]]:
