@@ -140,16 +140,16 @@ class RunFailed(Exception):
 # -- tools ----------------------------------------------------------------------------------
 
 
-def find_tools() -> tuple[str, str] | None:
-    """Paths of wrk and nginx; None (with the install command printed) when one is missing.
-
-    nginx lives in /usr/sbin, which is not on every user's PATH."""
-    wrk = shutil.which("wrk")
+def find_tools(module: str = MODULE, *, need_wrk: bool = True) -> tuple[str, str] | None:
+    """Paths of wrk and nginx ("" for wrk when not needed); None (with the install command
+    printed) when one is missing. nginx lives in /usr/sbin, not on every user's PATH."""
+    wrk = shutil.which("wrk") if need_wrk else ""
     nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
-    missing = [name for name, path in (("wrk", wrk), ("nginx", nginx)) if path is None]
-    if missing or wrk is None or nginx is None:
+    if wrk is None or nginx is None:
+        missing = [name for name, path in (("wrk", wrk), ("nginx", nginx)) if path is None]
         print(
-            f"{MODULE} needs wrk and nginx (Debian packages); missing: {', '.join(missing)}.\n"
+            f"{module} needs {'wrk and ' if need_wrk else ''}nginx (Debian packages); "
+            f"missing: {', '.join(missing)}.\n"
             f"Install them with: {INSTALL}  (as root, or with sudo)",
             file=sys.stderr,
         )
@@ -371,9 +371,10 @@ def _wait_routed(
 
 @contextlib.contextmanager
 def site(
-    args: argparse.Namespace, workdir: Path, nginx_binary: str, database_url: str
+    workdir: Path, nginx_binary: str, database_url: str, envoy_concurrency: int = 0
 ) -> Iterator[Site]:
-    """Everything the measurements need, stopped (by PID) on the way out."""
+    """Everything the measurements need, stopped (by PID) on the way out;
+    ``envoy_concurrency`` 0 is Envoy's default (one worker per CPU)."""
     chain = workdir / "chain.json"
     LocalSubnet.create(chain, netuid=1, neurons=8, validators=2, manual_blocks=True)
     placement = workdir / "placement.json"
@@ -441,7 +442,7 @@ def site(
             ),
             work_dir=workdir / "envoy",
             log_level="warning",
-            concurrency=args.envoy_concurrency or None,
+            concurrency=envoy_concurrency or None,
         )
         # EnvoyProcess is asyncio-based; this loop runs only its start, wait and stop.
         loop = asyncio.new_event_loop()
@@ -633,7 +634,10 @@ def run(args: argparse.Namespace, workdir: Path, wrk: str, nginx: str) -> int:
     backend = "postgresql" if args.postgres else "sqlite"
     # durable: PostgreSQL with its default fsync and synchronous commits, as in production
     # (each accepted signed request commits one nonce row).
-    with database(backend, workdir, durable=True) as db, site(args, workdir, nginx, db.url) as s:
+    with (
+        database(backend, workdir, durable=True) as db,
+        site(workdir, nginx, db.url, args.envoy_concurrency) as s,
+    ):
         edge = f"http://127.0.0.1:{s.edge_port}"
         upstreams = [
             Upstream(

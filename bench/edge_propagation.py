@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -53,7 +52,7 @@ from bench.common import (
     percentile,
     table,
 )
-from bench.edge import REPO, STATIC, STATIC_FILE, site, verdict
+from bench.edge import REPO, STATIC, STATIC_FILE, find_tools, site, verdict
 from platform_network.v1 import registry_pb2, registry_pb2_grpc
 from tests.helpers import ACTIVE, INACTIVE
 from tests.support.master import ADMIN
@@ -104,10 +103,9 @@ class Poller:
 
 def run(args: argparse.Namespace, workdir: Path, nginx: str) -> int:
     backend = "postgresql" if args.postgres else "sqlite"
-    args.envoy_concurrency = 0
     from_commit: list[float] = []
     from_call: list[float] = []
-    with database(backend, workdir, durable=True) as db, site(args, workdir, nginx, db.url) as s:
+    with database(backend, workdir, durable=True) as db, site(workdir, nginx, db.url) as s:
         poller = Poller(s.edge_port, f"/challenges/{STATIC}/{STATIC_FILE}")
         meter = CpuMeter([os.getpid()])
         with grpc.insecure_channel(s.master_address) as channel:
@@ -181,10 +179,10 @@ def main() -> int:
     args = parser.parse_args()
     if args.trials < 1 or args.gap < 0:
         parser.error("--trials must be at least 1 and --gap not negative")
-    nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
-    if nginx is None:
-        fail(f"{MODULE} needs nginx (Debian: apt-get install -y nginx)")
+    tools = find_tools(MODULE, need_wrk=False)
+    if tools is None:
         return 2
+    _, nginx = tools
     (REPO / ".tmp").mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=REPO / ".tmp", prefix="bench-propagation-") as tmp:
         try:

@@ -32,7 +32,6 @@ import os
 import secrets
 import sys
 import tempfile
-import time
 import traceback
 from pathlib import Path
 
@@ -234,5 +233,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    started = time.monotonic()
     sys.exit(main())

@@ -74,6 +74,11 @@ def main(argv: list[str] | None = None) -> None:
                     elif re.search(r"epoch \d+: validator \S+ submitted", line):
                         marks.setdefault("first epoch submitted on chain", now)
                         break
+                else:
+                    raise SystemExit(
+                        f"bench.subnet: platform dev stopped before an epoch was submitted "
+                        f"(milestones seen: {', '.join(marks) or 'none'})"
+                    )
                 pids = _validator_pids(state)
                 if not pids:
                     raise SystemExit("no validator agent found")
