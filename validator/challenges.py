@@ -120,7 +120,7 @@ class StreamedRegistry:
 
     async def wanted(self) -> Wanted:
         read = self._read
-        if read is None or read[0] != self._changes:
+        if read is None or self._stale():
             seen = self._changes
             cursor = await self._store.cursor("registry")
             read = (

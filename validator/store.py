@@ -230,11 +230,6 @@ class Store:
     async def close(self) -> None:
         await self._engine.dispose()
 
-    async def ping(self) -> None:
-        """Raise when the database cannot be reached."""
-        async with self._engine.connect() as conn:
-            await conn.execute(select(1))
-
     # -- state ------------------------------------------------------------------------
 
     async def _put(self, conn: AsyncConnection, key: str, value: str) -> None:

@@ -146,7 +146,6 @@ class RegistryFollower:
         self._on_change = on_change
         self.cursor: Cursor | None = None
         self.server_epoch = ""
-        self.challenges = 0
 
     async def load(self) -> None:
         self.cursor = await self._store.cursor("registry")
@@ -204,7 +203,6 @@ class RegistryFollower:
 
     async def _count(self) -> None:
         challenges = await self._store.challenges()
-        self.challenges = len(challenges)
         by_status: dict[str, int] = {
             name.removeprefix("CHALLENGE_STATUS_"): 0
             for name in registry_pb2.ChallengeStatus.keys()  # noqa: SIM118 - an enum wrapper
