@@ -422,9 +422,9 @@ async def _cancel(task: asyncio.Task[None] | None) -> None:
         await task
 
 
-async def serve(config: ValidatorConfig) -> None:
+async def serve(config: ValidatorConfig, signer: Signer | None = None) -> None:
     """Run the agent until SIGTERM or SIGINT, then stop gracefully."""
-    agent = Agent(config)
+    agent = Agent(config, signer=signer)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

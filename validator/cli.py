@@ -39,14 +39,14 @@ def run_validator(args: argparse.Namespace) -> int:
         config = cfg.load(ValidatorConfig, args)
         logs.configure("validator", config.log_level, config.log_format)
         config.check()
-        config.signer()
+        signer = config.signer()
     except cfg.ConfigError as exc:
         print(f"platform validator: {exc}", file=sys.stderr)
         return 2
     from validator.agent import StartupError, serve
 
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, signer))
     except StartupError as exc:
         logging.getLogger("validator").error("validator could not start: %s", exc)
         return 1
