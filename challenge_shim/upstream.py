@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import grpc
 
-from platform_common.answers import Limits, WeightsRefused, check_size, parse_grpc_answer
+from platform_common.answers import Limits, WeightsRefused, check_size, read_grpc_answer
 from platform_network.v1 import challenge_pb2
 
 ERROR_TEXT_MAX = 512
@@ -130,7 +130,7 @@ class GrpcUpstream:
     ) -> challenge_pb2.GetWeightsResponse:
         raw = await self._call(self._get_weights, request, metadata, budget, weights=True)
         assert isinstance(raw, bytes)
-        return parse_grpc_answer(raw, self._limits)
+        return read_grpc_answer(raw, self._limits).response
 
     async def health(self, metadata: Metadata, budget: float) -> challenge_pb2.HealthResponse:
         try:

@@ -268,14 +268,8 @@ class Answer:
     scores: list[float]
 
 
-def validate_response(
-    response: challenge_pb2.GetWeightsResponse, limits: Limits
-) -> challenge_pb2.GetWeightsResponse:
-    """Apply rules 1 (count) and 3 to 6 to a parsed answer; return it unchanged."""
-    return _validated(response, limits).response
-
-
-def _validated(response: challenge_pb2.GetWeightsResponse, limits: Limits) -> Answer:
+def validate_response(response: challenge_pb2.GetWeightsResponse, limits: Limits) -> Answer:
+    """Apply rules 1 (count) and 3 to 6 to a parsed answer."""
     entries = response.entries
     check_count(len(entries), limits)  # before copying a million entries into lists
     hotkeys: list[str] = []
@@ -288,13 +282,8 @@ def _validated(response: challenge_pb2.GetWeightsResponse, limits: Limits) -> An
     return Answer(response, hotkeys, scores)
 
 
-def parse_grpc_answer(raw: bytes, limits: Limits) -> challenge_pb2.GetWeightsResponse:
-    """Validate an encoded GetWeightsResponse: size on the raw bytes, then the rest."""
-    return read_grpc_answer(raw, limits).response
-
-
 def read_grpc_answer(raw: bytes, limits: Limits) -> Answer:
-    """:func:`parse_grpc_answer`, with the entries it read for validation."""
+    """Validate an encoded GetWeightsResponse: size on the raw bytes, then the rest."""
     check_size(len(raw), limits)
     try:
         response = challenge_pb2.GetWeightsResponse.FromString(raw)
@@ -302,7 +291,7 @@ def read_grpc_answer(raw: bytes, limits: Limits) -> Answer:
         raise _refuse(
             Rule.SHAPE, "response", f"not a valid GetWeightsResponse encoding ({exc})"
         ) from exc
-    return _validated(response, limits)
+    return validate_response(response, limits)
 
 
 # --- HTTP answers ------------------------------------------------------------------

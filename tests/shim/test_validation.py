@@ -13,8 +13,8 @@ from platform_common.answers import (
     Rule,
     WeightsRefused,
     check_size,
-    parse_grpc_answer,
     parse_http_answer,
+    read_grpc_answer,
     request_violations,
     validate_response,
 )
@@ -53,11 +53,11 @@ def weights_body(members: str) -> str:
 
 def test_a_valid_answer_passes_unchanged() -> None:
     response = answer((ALICE, 3.0), (BOB, 0.0), label="v3")
-    assert validate_response(response, LIMITS) is response
+    assert validate_response(response, LIMITS).response is response
 
 
 def test_an_empty_answer_is_valid() -> None:
-    assert len(validate_response(answer(), LIMITS).entries) == 0
+    assert len(validate_response(answer(), LIMITS).response.entries) == 0
 
 
 # --- rule 1: size ------------------------------------------------------------------
@@ -79,17 +79,17 @@ def test_exactly_max_entries_passes() -> None:
 def test_too_many_bytes_is_checked_before_parsing() -> None:
     raw = answer((ALICE, 1.0)).SerializeToString()
     with pytest.raises(WeightsRefused) as info:
-        parse_grpc_answer(raw, Limits(max_response_bytes=len(raw) - 1))
+        read_grpc_answer(raw, Limits(max_response_bytes=len(raw) - 1))
     assert info.value.code == "RESOURCE_EXHAUSTED"
     assert info.value.message == f"response: at most {len(raw) - 1} bytes allowed; got {len(raw)}"
     # Exactly at the limit passes.
-    assert parse_grpc_answer(raw, Limits(max_response_bytes=len(raw))).entries[0].hotkey == ALICE
+    assert read_grpc_answer(raw, Limits(max_response_bytes=len(raw))).hotkeys[0] == ALICE
 
 
 def test_byte_rule_fires_before_entry_rule() -> None:
     raw = answer(*[(ALICE, 1.0)] * 10).SerializeToString()
     with pytest.raises(WeightsRefused) as info:
-        parse_grpc_answer(raw, Limits(max_entries=2, max_response_bytes=100))
+        read_grpc_answer(raw, Limits(max_entries=2, max_response_bytes=100))
     assert info.value.message == f"response: at most 100 bytes allowed; got {len(raw)}"
 
 
@@ -101,7 +101,7 @@ def test_cut_off_body_has_no_exact_size() -> None:
 
 def test_garbage_protobuf_is_malformed() -> None:
     with pytest.raises(WeightsRefused) as info:
-        parse_grpc_answer(b"\x0a\xff\xff", LIMITS)
+        read_grpc_answer(b"\x0a\xff\xff", LIMITS)
     assert info.value.code == "FAILED_PRECONDITION"
     assert info.value.violation_type == "WEIGHTS_MALFORMED"
     assert info.value.violations[0].subject == "response"
