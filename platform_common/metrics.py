@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import threading
-from wsgiref.simple_server import WSGIServer
+from collections.abc import Callable, Iterable
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 GRPC_REQUESTS = Counter(
     "platform_grpc_requests_total",
@@ -48,13 +52,41 @@ REGISTRY_FEED_ERRORS = Counter(
 )
 
 
-class MetricsServer:
-    """The ``/metrics`` endpoint on its own thread, stoppable."""
+# (healthy, details): what ``/healthz`` answers, 200 or 503 with the details as JSON.
+HealthCheck = Callable[[], tuple[bool, dict[str, Any]]]
 
-    def __init__(self, host: str, port: int) -> None:
-        server, thread = start_http_server(port, addr=host)
-        self._server: WSGIServer = server
-        self._thread: threading.Thread = thread
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """No access log on stderr: the process logs JSON."""
+
+
+class MetricsServer:
+    """``/metrics`` (and ``/healthz`` when given a health check) on its own thread,
+    stoppable."""
+
+    def __init__(self, host: str, port: int, health: HealthCheck | None = None) -> None:
+        metrics_app = make_wsgi_app()
+
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            if health is not None and environ.get("PATH_INFO") == "/healthz":
+                ok, details = health()
+                body = json.dumps({"status": "ok" if ok else "unhealthy", **details}).encode()
+                start_response(
+                    "200 OK" if ok else "503 Service Unavailable",
+                    [("Content-Type", "application/json"), ("Content-Length", str(len(body)))],
+                )
+                return [body]
+            result: Iterable[bytes] = metrics_app(environ, start_response)
+            return result
+
+        self._server: WSGIServer = make_server(
+            host, port, app, ThreadingWSGIServer, handler_class=_Quiet
+        )
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="metrics", daemon=True
+        )
+        self._thread.start()
 
     @property
     def port(self) -> int:

@@ -31,6 +31,7 @@ from platform_common.chain import Chain, open_chain
 from platform_common.config import join_host_port, parse_host_port
 from platform_common.files import write_atomically
 from platform_common.keys import Signer
+from platform_common.metrics import MetricsServer
 from platform_common.runtime import Instance, RuntimeBusy
 from platform_common.runtime.images import ImageMapError
 from platform_common.runtime.images import load as load_images
@@ -96,7 +97,7 @@ class Agent:
         self._streams: dict[str, StreamRunner] = {}
         self._reporter: Reporter | None = None
         self._channel: Any = None
-        self._status: telemetry.StatusServer | None = None
+        self._status: MetricsServer | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._latest_changed = asyncio.Event()
         self._stopping = False
@@ -280,7 +281,7 @@ class Agent:
         if config.metrics_listen:
             host, port = parse_host_port(config.metrics_listen, "--metrics-listen")
             try:
-                self._status = telemetry.StatusServer(host, port, self.health)
+                self._status = MetricsServer(host, port, self.health)
             except OSError as exc:
                 await self.stop()
                 raise StartupError(

@@ -1,23 +1,17 @@
-"""The agent's metrics, and the HTTP endpoint that serves them with ``/healthz``.
+"""The agent's metrics.
 
-One small HTTP server on ``--metrics-listen`` answers ``/metrics`` (Prometheus) and
-``/healthz`` (JSON; 200 while the agent runs, 503 once it is stopping or a part of it
-died), so a probe and a scraper need one port. ``/healthz`` also says whether the
-streams are connected and whether the agent holds a fresh vector, but those do not
-change its status: an agent cut off from the master is alive and doing the right thing
-(submitting nothing once its vector expires); alert on the metrics instead.
+One small HTTP server on ``--metrics-listen`` (``platform_common.metrics.MetricsServer``
+with the agent's health check) answers ``/metrics`` (Prometheus) and ``/healthz`` (JSON;
+200 while the agent runs, 503 once it is stopping or a part of it died), so a probe and a
+scraper need one port. ``/healthz`` also says whether the streams are connected and
+whether the agent holds a fresh vector, but those do not change its status: an agent cut
+off from the master is alive and doing the right thing (submitting nothing once its
+vector expires); alert on the metrics instead.
 """
 
 from __future__ import annotations
 
-import json
-import threading
-from collections.abc import Callable, Iterable
-from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
-
-from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
-from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client import Counter, Gauge, Histogram
 
 STREAM_CONNECTED = Gauge(
     "platform_validator_stream_connected",
@@ -101,46 +95,3 @@ REGISTRY_CHALLENGES = Gauge(
     "Challenges in the registry as streamed, by status.",
     ["status"],
 )
-
-HealthCheck = Callable[[], tuple[bool, dict[str, Any]]]
-
-
-class _Quiet(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        """No access log on stderr: the agent's logs are JSON."""
-
-
-class StatusServer:
-    """``/metrics`` and ``/healthz`` on their own thread, stoppable."""
-
-    def __init__(self, host: str, port: int, health: HealthCheck) -> None:
-        metrics_app = make_wsgi_app()
-
-        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-            if environ.get("PATH_INFO") == "/healthz":
-                ok, details = health()
-                body = json.dumps({"status": "ok" if ok else "unhealthy", **details}).encode()
-                start_response(
-                    "200 OK" if ok else "503 Service Unavailable",
-                    [("Content-Type", "application/json"), ("Content-Length", str(len(body)))],
-                )
-                return [body]
-            result: Iterable[bytes] = metrics_app(environ, start_response)
-            return result
-
-        self._server: WSGIServer = make_server(
-            host, port, app, ThreadingWSGIServer, handler_class=_Quiet
-        )
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="validator-status", daemon=True
-        )
-        self._thread.start()
-
-    @property
-    def port(self) -> int:
-        return int(self._server.server_port)
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
