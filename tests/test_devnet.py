@@ -6,14 +6,13 @@ import json
 import re
 import signal
 import socket
-import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.support.devnet import dev_env, launch, left_behind, read_until
+from tests.support.devnet import dev_env, launch, left_behind, read_until, run_shell
 from tests.support.master import VENV_BIN
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,32 +42,14 @@ def test_dev_prints_commands_that_work_and_stops_everything(tmp_path: Path) -> N
         assert (status, body) == (404, b'{"error":"not_found"}\n')
         # Run the printed commands exactly as printed, one shell for all.
         script = "set -e\n" + _printed(banner, "export PLATFORM_ADMIN_TOKEN")
-        result = subprocess.run(
-            ["bash", "-c", script],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=tmp_path,
-            timeout=60,
-            check=False,
-        )
-        assert result.returncode == 0, result.stderr
+        result = run_shell(script, env, tmp_path)
         assert "platform_network.v1.Registry" in result.stdout
         assert '"token": "pct_' in result.stdout
         # The live view shows the change the printed command made (after the examples'
         # four: created and activated).
         read_until(proc, r"revision 5: demo now DRAFT, share 0\.1", seen)
         # The miner commands work as printed: through the edge, the signed one too.
-        result = subprocess.run(
-            ["bash", "-c", "set -e\n" + _printed(banner, "curl -s")],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=tmp_path,
-            timeout=60,
-            check=False,
-        )
-        assert result.returncode == 0, result.stderr
+        result = run_shell("set -e\n" + _printed(banner, "curl -s"), env, tmp_path)
         decoder = json.JSONDecoder()
         task, end = decoder.raw_decode(result.stdout)
         submitted, _ = decoder.raw_decode(result.stdout[end:].lstrip())
@@ -86,16 +67,7 @@ def test_dev_prints_commands_that_work_and_stops_everything(tmp_path: Path) -> N
             .replace(".dev/", f"{tmp_path / 'state'}/")
             .replace(".venv/bin/", f"{VENV_BIN}/")
         )
-        result = subprocess.run(
-            ["bash", "-c", "set -e\n" + script],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=tmp_path,
-            timeout=60,
-            check=False,
-        )
-        assert result.returncode == 0, result.stderr
+        result = run_shell("set -e\n" + script, env, tmp_path)
         assert "platform_network.v1.Registry" in result.stdout
         assert '"slug": "demo"' in result.stdout
         # And the README's miner commands, through this run's edge.
@@ -103,16 +75,7 @@ def test_dev_prints_commands_that_work_and_stops_everything(tmp_path: Path) -> N
         script = block.replace("127.0.0.1:8080", f"127.0.0.1:{edge_port}").replace(
             ".venv/bin/", f"{VENV_BIN}/"
         )
-        result = subprocess.run(
-            ["bash", "-c", "set -e\n" + script],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=tmp_path,
-            timeout=60,
-            check=False,
-        )
-        assert result.returncode == 0, result.stderr
+        result = run_shell("set -e\n" + script, env, tmp_path)
         assert json.loads(result.stdout) == {"correct": True, "score": 1.0}
     finally:
         proc.send_signal(signal.SIGINT)

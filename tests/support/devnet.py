@@ -82,3 +82,18 @@ def left_behind(state: Path) -> list[list[str]]:
         for p in psutil.process_iter(["cmdline"])
         if any(str(state) in part for part in p.info["cmdline"] or ())
     ]
+
+
+def run_shell(script: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``script`` in bash, as a reader would paste it; fails the test when it fails."""
+    result = subprocess.run(
+        ["bash", "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result
