@@ -33,9 +33,13 @@ Istio) learned the hard way:
   (a route must not follow a rejected cluster). A later, different
   configuration is pushed normally. Requests carrying an older nonce are stale
   and ignored, as the protocol requires.
-* **Debounced publication.** Registry changes come in bursts; a new
-  configuration goes out ``debounce`` seconds after the last change, but never
-  later than ``debounce_cap`` after the first pending one.
+* **Debounced publication.** Registry changes come in bursts. A change that
+  follows a quiet period (nothing published for ``debounce`` seconds) goes out
+  at once, together with whatever else changed in the same turn of the event
+  loop; changes that follow it closely are coalesced and go out ``debounce``
+  seconds after the last one, but never later than ``debounce_cap`` after the
+  first pending one. A single status change reaches the edge without waiting,
+  and a burst costs at most two pushes.
 * **Independent streams.** Each Envoy has its own stream task; a slow or dead
   Envoy only ever blocks its own stream.
 
@@ -51,7 +55,9 @@ import enum
 import hashlib
 import itertools
 import logging
+import math
 import secrets
+import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -548,6 +554,7 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         self._pending: EdgeResources | None = None
         self._first_pending = 0.0
         self._last_change = 0.0
+        self._last_published = -math.inf
         self._debounce_task: asyncio.Task[None] | None = None
         self._streams: dict[int, _Stream] = {}
         self._stream_ids = itertools.count(1)
@@ -575,9 +582,12 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
     def set_resources(self, resources: EdgeResources) -> None:
         """Publish ``resources`` after the debounce; returns at once.
 
-        The first configuration is published immediately. Later ones go out
-        ``debounce`` s after the last call, at most ``debounce_cap`` s after the
-        first unpublished one; only the last resources given are published.
+        The first configuration is published immediately. A change after a quiet
+        period (nothing published for ``debounce`` s) is published on the next
+        turn of the event loop, so the calls made in the same turn go out as one.
+        Later ones go out ``debounce`` s after the last call, at most
+        ``debounce_cap`` s after the first unpublished one. Only the last
+        resources given are published.
         """
         if self._closed:
             raise RuntimeError("the xDS server is closed")
@@ -586,7 +596,7 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
             self._publish(resources)
             return
         loop = asyncio.get_running_loop()
-        now = loop.time()
+        now = time.monotonic()
         if self._pending is None:
             self._first_pending = now
         self._pending = resources
@@ -618,10 +628,14 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
                 await task
 
     async def _debounced(self) -> None:
-        loop = asyncio.get_running_loop()
         while self._pending is not None:
-            due = min(self._last_change + self._debounce, self._first_pending + self._debounce_cap)
-            delay = due - loop.time()
+            if self._first_pending - self._last_published >= self._debounce:
+                due = self._first_pending  # after a quiet period: at once
+            else:
+                due = min(
+                    self._last_change + self._debounce, self._first_pending + self._debounce_cap
+                )
+            delay = due - time.monotonic()
             if delay <= 0:
                 pending, self._pending = self._pending, None
                 try:
@@ -638,6 +652,7 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
             log.debug("edge configuration unchanged", extra={"version": snapshot.version})
             return
         self._snapshot = snapshot
+        self._last_published = time.monotonic()
         if previous is not None:
             with contextlib.suppress(KeyError):
                 XDS_SNAPSHOT_VERSION.remove(previous.version)

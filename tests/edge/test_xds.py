@@ -592,6 +592,37 @@ async def test_debounce_cap_publishes_during_a_steady_stream_of_changes() -> Non
         await xds.close()
 
 
+async def test_change_after_a_quiet_period_is_published_at_once() -> None:
+    quiet = 1.0
+    xds = XdsServer(debounce=quiet, debounce_cap=quiet * 2)
+    try:
+        await xds.publish_now(config({"a": 1}))
+        first = xds.version
+        await asyncio.sleep(quiet * 1.1)
+
+        # Two changes in one turn of the event loop, after a quiet period: published
+        # together on the next turns, without waiting for the debounce.
+        xds.set_resources(config({"a": 1}, extra_paths={"/one/": "a"}))
+        xds.set_resources(config({"a": 1}, extra_paths={"/two/": "a"}))
+        assert xds.version == first  # set_resources never publishes in the caller's turn
+        for _ in range(3):
+            await asyncio.sleep(0)
+        second = xds.version
+        assert second != first, "a change after a quiet period waited for the debounce"
+        xds.set_resources(config({"a": 1}, extra_paths={"/two/": "a"}))
+        await xds.flush()
+        assert xds.version == second, "the last of the two changes is the one published"
+
+        # A change right after a publication is held for the debounce.
+        xds.set_resources(config({"a": 1}, extra_paths={"/three/": "a"}))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert xds.version == second, "a change right after a publication was not debounced"
+        await published_after(xds, second)
+    finally:
+        await xds.close()
+
+
 async def test_stale_nonce_is_ignored(edge: Edge) -> None:
     """A client speaking the protocol by hand: responses decode as plain
     DiscoveryResponses, and a NACK of a superseded response changes nothing."""
