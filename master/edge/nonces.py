@@ -17,7 +17,12 @@ per request, more than the INSERT itself. On PostgreSQL that connection sets
 accepted in the instant before a database crash could be accepted once more within
 its freshness window (seconds); a trade worth the latency on every signed request.
 A lock keeps one statement at a time on the connection; a broken connection is
-replaced on the next claim.
+replaced on the next claim. On SQLite the claim goes straight to the aiosqlite
+connection under it, with the statement SQLAlchemy compiled once: aiosqlite runs
+every call in its own thread, and SQLAlchemy's async adapter makes several such
+calls per statement, each a thread hop (about 1.4 ms a claim on two shared vCPUs,
+against 0.37 ms with the one hop of the driver's own ``execute``). A driver error
+is raised as SQLAlchemy's ``DBAPIError``, as on the other path.
 
 Rows are only needed while their nonce could still pass the freshness check;
 :meth:`NonceStore.prune` deletes the expired ones. Pruning is this module's
@@ -29,12 +34,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import delete
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from master.db.models import EdgeNonceRow
@@ -53,10 +60,24 @@ class NonceStore:
         self._conn: AsyncConnection | None = None
         # Built once: the hot path only binds parameters to a cached statement.
         self._claim: Any
+        # SQLite: the aiosqlite connection under self._conn, the compiled statement and
+        # how the expiry is stored (the format SQLAlchemy uses, which prune compares to).
+        self._driver: Any = None
+        self._claim_sql = ""
+        self._expire_param: Callable[[datetime], Any] = lambda value: value
         if engine.dialect.name == "postgresql":
             self._claim = postgresql.insert(EdgeNonceRow).on_conflict_do_nothing()
         else:
             self._claim = sqlite.insert(EdgeNonceRow).on_conflict_do_nothing()
+        if engine.dialect.name == "sqlite":
+            compiled = self._claim.compile(dialect=engine.dialect)
+            if list(compiled.positiontup or ()) != ["hotkey", "nonce", "expire_time"]:
+                raise RuntimeError(f"unexpected nonce claim statement: {compiled.string}")
+            self._claim_sql = compiled.string
+            expire_type = EdgeNonceRow.__table__.c.expire_time.type.dialect_impl(engine.dialect)
+            processor = expire_type.bind_processor(engine.dialect)
+            if processor is not None:
+                self._expire_param = processor
 
     async def claim(self, hotkey: str, nonce_ns: int, expire_time: datetime) -> bool:
         """Record ``(hotkey, nonce_ns)``; True if this is its first use, False for a replay.
@@ -64,17 +85,25 @@ class NonceStore:
         Correct with any number of writers on one database: the primary key decides.
         ``expire_time`` must be timezone-aware; the row may be pruned after it.
         """
-        row = {"hotkey": hotkey, "nonce": nonce_ns, "expire_time": expire_time.astimezone(UTC)}
+        expire = expire_time.astimezone(UTC)
         async with self._lock:
             conn = await self._connection()
             try:
+                if self._driver is not None:
+                    params = (hotkey, nonce_ns, self._expire_param(expire))
+                    try:
+                        cursor = await self._driver.execute(self._claim_sql, params)
+                    except sqlite3.Error as exc:
+                        raise DBAPIError(self._claim_sql, params, exc) from exc
+                    return bool(cursor.rowcount == 1)
+                row = {"hotkey": hotkey, "nonce": nonce_ns, "expire_time": expire}
                 result = await conn.execute(self._claim, row)
+                return bool(result.rowcount == 1)
             except BaseException:
                 # Whatever state the connection is in, do not reuse it.
-                self._conn = None
+                self._conn = self._driver = None
                 await _discard(conn)
                 raise
-        return bool(result.rowcount == 1)
 
     async def _connection(self) -> AsyncConnection:
         if self._conn is None:
@@ -83,6 +112,8 @@ class NonceStore:
                 conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
                 if self._engine.dialect.name == "postgresql":
                     await conn.exec_driver_sql("SET synchronous_commit = off")
+                if self._claim_sql:
+                    self._driver = (await conn.get_raw_connection()).driver_connection
             except BaseException:
                 await _discard(conn)
                 raise
@@ -93,7 +124,7 @@ class NonceStore:
         """Release the dedicated connection (the master calls it at shutdown)."""
         async with self._lock:
             if self._conn is not None:
-                conn, self._conn = self._conn, None
+                conn, self._conn, self._driver = self._conn, None, None
                 await _discard(conn)
 
     async def prune(self, now: datetime) -> int:

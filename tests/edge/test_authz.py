@@ -27,6 +27,7 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from google.rpc import code_pb2
 from prometheus_client import REGISTRY
 from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from master.db.engine import create_engine
@@ -421,6 +422,29 @@ async def test_claims_race_on_the_primary_key(edge: Edge) -> None:
     # Another hotkey, or another nonce, is a different claim.
     assert await stores[1].claim("5Other", 77, expire)
     assert await stores[0].claim("5Hotkey", 78, expire)
+
+
+async def test_a_store_that_breaks_after_connecting_recovers_and_keeps_its_claims(
+    edge: Edge,
+) -> None:
+    engine = await edge.engine()
+    store = edge.nonces(engine)
+    expire = datetime.now(UTC) + timedelta(seconds=60)
+    assert await store.claim("5Hotkey", 1, expire)
+
+    async def rename(old: str, new: str) -> None:
+        async with engine.begin() as conn:
+            await conn.exec_driver_sql(f"ALTER TABLE {old} RENAME TO {new}")
+
+    await rename("edge_nonces", "edge_nonces_away")
+    # A database error on the claim's own connection, on either backend's path.
+    with pytest.raises(SQLAlchemyError):
+        await store.claim("5Hotkey", 2, expire)
+    await rename("edge_nonces_away", "edge_nonces")
+    # A new connection: the earlier claim is still there, new ones go through.
+    assert not await store.claim("5Hotkey", 1, expire)
+    assert await store.claim("5Hotkey", 2, expire)
+    assert await edge.rows() == 2
 
 
 async def test_an_unregistered_hotkey_is_forbidden_without_burning_a_nonce(
