@@ -178,6 +178,8 @@ class Master:
             await self._engine.dispose()
             raise StartupError(f"--listen: cannot listen on {config.listen}: {exc}") from exc
         self._server = server
+        # Epochs other replicas seal; stopped with the server (close_weights_feed).
+        self._weights_feed.follow(config.feed_poll_interval)
 
         if config.metrics_listen:
             m_host, m_port = parse_host_port(config.metrics_listen, "--metrics-listen")
@@ -274,7 +276,7 @@ class Master:
         weights_feed = self._weights_feed
 
         async def close_weights_feed() -> None:
-            weights_feed.close()
+            await weights_feed.close()
 
         server.on_shutdown(close_weights_feed)
         return server

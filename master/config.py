@@ -68,7 +68,7 @@ class MasterConfig:
     )
     feed_poll_interval: float = setting(
         1.0,
-        "seconds between reads of the event log for writes made by other master replicas",
+        "seconds between reads of the registry writes and epochs of other master replicas",
         metavar="SECONDS",
     )
     event_retention: int = setting(

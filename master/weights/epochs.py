@@ -161,7 +161,9 @@ class EpochEngine:
         try:
             await self.run_epoch(block)
         except EpochNotSealed as exc:
-            log.error("epoch not sealed", extra={"outcome": exc.outcome, "error": str(exc)})
+            # "taken": another replica sealed it, which is how replicas share the schedule.
+            level = logging.INFO if exc.outcome == "taken" else logging.ERROR
+            log.log(level, "epoch not sealed", extra={"outcome": exc.outcome, "error": str(exc)})
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -280,6 +282,8 @@ class EpochEngine:
         try:
             await self._store.insert_epoch(epoch)
         except EpochTaken as exc:
+            # Another replica sealed this epoch a moment ago: serve its vector from now on.
+            await self._feed.sync()
             raise EpochNotSealed("taken", f"{exc} (another master replica runs epochs)") from exc
         self._feed.publish(vector, vector.SerializeToString(deterministic=True))
 

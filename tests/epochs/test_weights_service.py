@@ -9,6 +9,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from master.weights.epochs import EpochNotSealed
 from platform_common import vectors
 from platform_common.chain import dev_keypair
 from platform_common.keys import load_signer
@@ -16,6 +17,7 @@ from platform_network.v1 import common_pb2, weights_pb2
 from tests.epochs.conftest import MASTER_KEY, EpochMaster, Subnet, read, start_epoch_master
 from tests.helpers import refused
 from tests.support.master import ADMIN
+from tests.support.waiting import eventually
 
 Reason = common_pb2.SnapshotReason
 Outcome = weights_pb2.SubmissionOutcome
@@ -367,6 +369,71 @@ async def test_sealed_epochs_survive_a_restart(
         assert (await second.seal()).vector.epoch == 3
     finally:
         await second.close()
+
+
+async def latest(master: EpochMaster) -> weights_pb2.WeightVector:
+    return await master.weights.GetLatestWeights(
+        weights_pb2.GetLatestWeightsRequest(), metadata=ADMIN
+    )
+
+
+async def test_replicas_serve_the_epochs_the_others_seal(
+    database_url: str, subnet: Subnet, token_key_file: Path
+) -> None:
+    """Two masters on one database: each one serves, and streams, what the other sealed."""
+    poll = {"feed_poll_interval": 0.1}
+    first = await start_epoch_master(database_url, subnet, token_key_file, **poll)
+    second = await start_epoch_master(database_url, subnet, token_key_file, **poll)
+    try:
+        stream = second.weights.WatchWeights(
+            weights_pb2.WatchWeightsRequest(since_epoch=0), metadata=ADMIN
+        )
+        assert not (await read(stream)).snapshot.HasField("latest")
+        sealed = (await first.seal()).vector
+        pushed = await asyncio.wait_for(read(stream), 10)
+        assert pushed.vector == sealed
+        assert await latest(second) == sealed
+
+        # The other way round.
+        other = (await second.seal()).vector
+        assert other.epoch == sealed.epoch + 1
+
+        async def first_serves_it() -> bool:
+            return await latest(first) == other
+
+        await eventually(first_serves_it, "the first master serves the second one's epoch")
+        assert (await asyncio.wait_for(read(stream), 10)).vector == other
+        stream.cancel()
+    finally:
+        await second.close()
+        await first.close()
+
+
+async def test_a_replica_that_loses_the_race_for_an_epoch_serves_the_winners_vector(
+    database_url: str, subnet: Subnet, token_key_file: Path
+) -> None:
+    # No polling in this test's time: whatever a master serves, it learned when sealing.
+    slow = {"feed_poll_interval": 3600.0}
+    masters = [await start_epoch_master(database_url, subnet, token_key_file, **slow)]
+    masters.append(await start_epoch_master(database_url, subnet, token_key_file, **slow))
+    try:
+        for _ in range(3):
+            outcomes = await asyncio.gather(*(m.seal() for m in masters), return_exceptions=True)
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    assert isinstance(outcome, EpochNotSealed), outcome
+                    assert outcome.outcome == "taken", outcome
+            sealed = [o.vector for o in outcomes if not isinstance(o, BaseException)]
+            newest = max(sealed, key=lambda v: v.epoch)
+            if len(sealed) == 1:
+                # The loser read the winner's vector the moment its insert was refused.
+                assert [await latest(m) for m in masters] == [newest, newest]
+            else:
+                # No race this time: the two sealed one epoch after the other.
+                assert sorted(v.epoch for v in sealed) == [newest.epoch - 1, newest.epoch]
+    finally:
+        for master in masters:
+            await master.close()
 
 
 @pytest.mark.parametrize("policy", ["burn", "redistribute"])
