@@ -11,8 +11,10 @@ import platform
 import shlex
 import signal
 import sys
+import tempfile
 import time
-from collections.abc import Iterator, Sequence
+import traceback
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -49,6 +51,24 @@ def hard_timeout(seconds: float) -> Iterator[None]:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
         signal.signal(signal.SIGTERM, previous_term)
+
+
+def run_in_scratch(name: str, timeout: float, body: Callable[[Path], int]) -> int:
+    """``body`` in a fresh scratch directory under the repository's ``.tmp``, within the
+    hard time limit: its exit status, or 2 (after saying why) when it ran out of time or
+    raised."""
+    scratch = Path(__file__).resolve().parents[1] / ".tmp"
+    scratch.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=scratch, prefix=f"bench-{name}-") as tmp:
+        try:
+            with hard_timeout(timeout):
+                return body(Path(tmp))
+        except BenchTimeout as exc:
+            fail(str(exc))
+            return 2
+        except Exception:
+            traceback.print_exc()
+            return 2
 
 
 # -- databases and the master ---------------------------------------------------------

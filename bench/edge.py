@@ -72,9 +72,7 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-import traceback
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -83,16 +81,15 @@ from pathlib import Path
 import grpc
 
 from bench.common import (
-    BenchTimeout,
     CpuMeter,
     command_line,
     cpu_seconds,
     database,
     fail,
-    hard_timeout,
     machine,
     other_load_warning,
     percentile,
+    run_in_scratch,
     table,
 )
 from master.edge.model import cluster_name
@@ -108,7 +105,6 @@ from tests.support.master import ADMIN, MasterProcess
 from tests.support.ports import free_port
 
 MODULE = "bench.edge"
-REPO = Path(__file__).resolve().parents[1]
 INSTALL = "apt-get install -y wrk nginx"
 
 TARGET_RATIO = 0.90
@@ -809,20 +805,15 @@ def main() -> int:
     tools = find_tools()
     if tools is None:
         return 2
-    (REPO / ".tmp").mkdir(exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=REPO / ".tmp", prefix="bench-edge-") as tmp:
+
+    def body(workdir: Path) -> int:
         try:
-            with hard_timeout(args.timeout):
-                return run(args, Path(tmp), *tools)
-        except BenchTimeout as exc:
-            fail(str(exc))
-            return 2
+            return run(args, workdir, *tools)
         except RunFailed as exc:
             fail(f"a measurement failed, its figures are void: {exc}")
             return 2
-        except Exception:
-            traceback.print_exc()
-            return 2
+
+    return run_in_scratch("edge", args.timeout, body)
 
 
 if __name__ == "__main__":

@@ -35,26 +35,23 @@ import argparse
 import http.client
 import os
 import sys
-import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import grpc
 
 from bench.common import (
-    BenchTimeout,
     CpuMeter,
     command_line,
     database,
     fail,
-    hard_timeout,
     machine,
     other_load_warning,
     percentile,
+    run_in_scratch,
     table,
 )
-from bench.edge import REPO, STATIC, STATIC_FILE, find_tools, site, verdict
+from bench.edge import STATIC, STATIC_FILE, find_tools, site, verdict
 from platform_network.v1 import registry_pb2, registry_pb2_grpc
 from tests.helpers import ACTIVE, INACTIVE
 from tests.support.master import ADMIN
@@ -185,17 +182,7 @@ def main() -> int:
     if tools is None:
         return 2
     _, nginx = tools
-    (REPO / ".tmp").mkdir(exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=REPO / ".tmp", prefix="bench-propagation-") as tmp:
-        try:
-            with hard_timeout(args.timeout):
-                return run(args, Path(tmp), nginx)
-        except BenchTimeout as exc:
-            fail(str(exc))
-            return 2
-        except Exception:
-            traceback.print_exc()
-            return 2
+    return run_in_scratch("propagation", args.timeout, lambda workdir: run(args, workdir, nginx))
 
 
 if __name__ == "__main__":

@@ -31,21 +31,18 @@ import json
 import os
 import secrets
 import sys
-import tempfile
-import traceback
 from pathlib import Path
 
 from bench.common import (
-    BenchTimeout,
     CpuMeter,
     command_line,
     cpu_seconds,
     database,
     fail,
-    hard_timeout,
     machine,
     other_load_warning,
     percentile,
+    run_in_scratch,
     table,
 )
 from platform_common.chain import LocalSubnet
@@ -60,7 +57,6 @@ HOTKEYS = 256
 DELAY = 0.1
 TARGET_TOTAL = 0.400
 TARGET_SEAL = 0.100
-REPO = Path(__file__).resolve().parents[1]
 
 
 async def run(args: argparse.Namespace, workdir: Path) -> int:
@@ -219,17 +215,7 @@ def main() -> int:
     parser.add_argument("--direct", action="store_true", help="no shims: master -> challenges")
     parser.add_argument("--timeout", type=float, default=300)
     args = parser.parse_args()
-    (REPO / ".tmp").mkdir(exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=REPO / ".tmp", prefix="bench-epoch-") as tmp:
-        try:
-            with hard_timeout(args.timeout):
-                return asyncio.run(run(args, Path(tmp)))
-        except BenchTimeout as exc:
-            fail(str(exc))
-            return 2
-        except Exception:
-            traceback.print_exc()
-            return 2
+    return run_in_scratch("epoch", args.timeout, lambda workdir: asyncio.run(run(args, workdir)))
 
 
 if __name__ == "__main__":

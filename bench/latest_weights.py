@@ -27,10 +27,8 @@ import argparse
 import math
 import multiprocessing
 import sys
-import tempfile
 import threading
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,14 +36,13 @@ from typing import Any
 import grpc
 
 from bench.common import (
-    BenchTimeout,
     CpuMeter,
     command_line,
     fail,
-    hard_timeout,
     machine,
     master_pid,
     other_load_warning,
+    run_in_scratch,
     table,
 )
 from platform_network.v1 import weights_pb2
@@ -53,7 +50,6 @@ from tests.support.master import ADMIN, epoch_master_process
 
 MODULE = "bench.latest_weights"
 TARGET_RPS = 3000
-REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -298,17 +294,7 @@ def main() -> int:
     )
     parser.add_argument("--timeout", type=float, default=180)
     args = parser.parse_args()
-    (REPO / ".tmp").mkdir(exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=REPO / ".tmp", prefix="bench-latest-") as tmp:
-        try:
-            with hard_timeout(args.timeout):
-                return run(args, Path(tmp))
-        except BenchTimeout as exc:
-            fail(str(exc))
-            return 2
-        except Exception:
-            traceback.print_exc()
-            return 2
+    return run_in_scratch("latest", args.timeout, lambda workdir: run(args, workdir))
 
 
 if __name__ == "__main__":
