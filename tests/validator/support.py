@@ -6,9 +6,11 @@ import dataclasses
 import functools
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 from platform_common import vectors
+from platform_common.chain import Chain, ChainWeights, Hyperparameters, Metagraph, SubmitResult
 from platform_common.keys import Signer, load_signer
 from platform_network.v1 import weights_pb2
 from validator.config import ValidatorConfig
@@ -90,3 +92,34 @@ def agent_config(**overrides: Any) -> ValidatorConfig:
     }
     values.update(overrides)
     return dataclasses.replace(ValidatorConfig(), **values)
+
+
+class ChainInFront:
+    """The real chain, every call passed through; subclasses change ``set_weights`` to
+    show what a real node cannot be made to do on demand (lose an answer, hang)."""
+
+    def __init__(self, chain: Chain) -> None:
+        self._chain = chain
+        self.netuid = chain.netuid
+
+    async def current_block(self) -> int:
+        return await self._chain.current_block()
+
+    async def metagraph(self, block: int | None = None) -> Metagraph:
+        return await self._chain.metagraph(block)
+
+    async def hyperparameters(self, block: int | None = None) -> Hyperparameters:
+        return await self._chain.hyperparameters(block)
+
+    def plan_weights(
+        self, weights: Mapping[int, float], hyperparameters: Hyperparameters
+    ) -> ChainWeights:
+        return self._chain.plan_weights(weights, hyperparameters)
+
+    async def set_weights(
+        self, keypair: Any, weights: ChainWeights, *, mechanism_id: int = 0
+    ) -> SubmitResult:
+        return await self._chain.set_weights(keypair, weights, mechanism_id=mechanism_id)
+
+    async def close(self) -> None:
+        await self._chain.close()

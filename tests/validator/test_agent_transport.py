@@ -1,29 +1,41 @@
 """The agent's side of the wire against a scripted master on real gRPC: signed calls,
 streams resumed from the stored position after a break and after a restart, refusals
-reported, reports retried with the same bytes until acknowledged."""
+reported, reports retried with the same bytes until acknowledged, a refused stream
+retried, clock skew warned about, and a submission cut off by the shutdown grace."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
 from platform_common import callauth
+from platform_common.chain import Chain, ChainWeights, SubmitResult
 from platform_network.v1 import common_pb2, weights_pb2, weights_pb2_grpc
 from tests.support.waiting import eventually
 from tests.validator.conftest import LocalChain
 from tests.validator.fake_master import FakeMaster, Script, snapshot_message, vector_message
-from tests.validator.support import NS, VALIDATOR_KEY, agent_config, make_vector, signer
+from tests.validator.support import (
+    NS,
+    VALIDATOR_KEY,
+    ChainInFront,
+    agent_config,
+    make_vector,
+    signer,
+)
 from validator.agent import Agent
 from validator.reports import Reporter, ReportFactory
-from validator.store import DONE, REPORT_DROPPED, REPORT_SENT, Result, Store
+from validator.store import DONE, REPORT_DROPPED, REPORT_SENT, EpochRecord, Result, Store
 from validator.streams import Backoff
+from validator.submit import UNKNOWN_AFTER_STOP
 
 Outcome = weights_pb2.SubmissionOutcome
 Reason = common_pb2.SnapshotReason
@@ -232,3 +244,145 @@ async def test_reports_are_resent_identically_until_acknowledged(
     finally:
         await channel.close()
         await store.close()
+
+
+def bookmark(offset_seconds: float) -> weights_pb2.WatchWeightsResponse:
+    """A WatchWeights bookmark whose server time is ``offset_seconds`` from this host's."""
+    message = weights_pb2.WatchWeightsResponse(
+        cursor=common_pb2.WatchCursor(server_epoch="s", history_id="history-a", revision=0),
+        bookmark=weights_pb2.WeightsBookmark(),
+    )
+    message.bookmark.server_time.FromNanoseconds(time.time_ns() + int(offset_seconds * NS))
+    return message
+
+
+def records(caplog: pytest.LogCaptureFixture, logger: str, text: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == logger and r.getMessage().startswith(text)]
+
+
+async def test_clock_skew_is_warned_once_per_episode(
+    fake: FakeMaster, local_chain: LocalChain, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="validator")
+    # Skewed twice in a row (one warning), in line, then skewed the other way (a second).
+    fake.script.weights_streams = [
+        [bookmark(120), bookmark(121), bookmark(1), bookmark(-90), bookmark(-91)],
+    ]
+    config = agent_config(
+        master=fake.address,
+        chain=local_chain.url,
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'validator.db'}",
+        clock_skew=30.0,
+    )
+    agent = Agent(config)
+    await agent.start()
+    try:
+
+        async def reconnected() -> bool:
+            # The scripted stream ends after its messages, so a second call means the
+            # agent applied all five.
+            return len(fake.script.weights_requests) >= 2
+
+        await eventually(reconnected, what="the bookmarks applied and the stream reopened")
+    finally:
+        await agent.stop()
+    warnings = records(caplog, "validator.intake", "this host's clock and the master's disagree")
+    offsets = [float(getattr(r, "offset_seconds", "nan")) for r in warnings]
+    assert len(offsets) == 2, offsets
+    assert 119 < offsets[0] < 121
+    assert -91 < offsets[1] < -89
+    assert all(getattr(r, "tolerated", None) == 30.0 for r in warnings)
+
+
+async def test_a_refused_stream_is_logged_as_an_error_and_retried(
+    fake: FakeMaster, local_chain: LocalChain, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="validator")
+    # Three WatchWeights calls refused as the master refuses an unknown validator; the
+    # fourth stays open.
+    fake.script.weights_streams = [[], [], []]
+    fake.script.end_code = grpc.StatusCode.PERMISSION_DENIED
+    config = agent_config(
+        master=fake.address,
+        chain=local_chain.url,
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'validator.db'}",
+    )
+    agent = Agent(config)
+    await agent.start()
+    try:
+
+        async def retried() -> bool:
+            return len(fake.script.weights_requests) >= 4
+
+        await eventually(retried, what="three refusals and a fourth call")
+        healthy, details = agent.health()
+        assert healthy, details  # a refusal is the operator's to fix; the agent keeps trying
+        assert details["streams"]["weights"] is False
+    finally:
+        await agent.stop()
+    refused = records(caplog, "validator.streams", "the master refuses this validator's stream")
+    assert [(r.levelno, getattr(r, "stream", None), getattr(r, "code", None)) for r in refused] == [
+        (logging.ERROR, "weights", "PERMISSION_DENIED")
+    ] * 3
+    assert all(getattr(r, "error", None) == "scripted end of stream" for r in refused)
+    assert all(0 <= getattr(r, "retry_in", -1) <= config.reconnect_max for r in refused)
+    # The registry stream, open all along, was never refused.
+    assert not records(caplog, "validator.streams", "stream to the master ended")
+
+
+class HungSubmission(ChainInFront):
+    """The real chain, except that set_weights never answers (a node that hangs)."""
+
+    def __init__(self, chain: Chain) -> None:
+        super().__init__(chain)
+        self.entered = asyncio.Event()
+
+    async def set_weights(
+        self, keypair: Any, weights: ChainWeights, *, mechanism_id: int = 0
+    ) -> SubmitResult:
+        self.entered.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+async def test_a_submission_still_in_flight_after_the_grace_is_never_submitted_again(
+    fake: FakeMaster, local_chain: LocalChain, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="validator")
+    vector = make_vector(3, weights=((0, 0.5), (2, 0.5)))
+    fake.script.weights_streams = [[snapshot_message(vector, Reason.SNAPSHOT_REASON_INITIAL)]]
+    fake.script.hold = asyncio.Event()  # the stream stays open
+    config = agent_config(
+        master=fake.address,
+        chain=local_chain.url,
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'validator.db'}",
+        shutdown_grace=0.3,
+    )
+    hung = HungSubmission(local_chain.chain)
+    agent = Agent(config, chain=hung)
+    await agent.start()
+    try:
+        await asyncio.wait_for(hung.entered.wait(), 30)
+    finally:
+        await agent.stop()
+    stopped = records(caplog, "validator.agent", "a submission was still in flight")
+    assert [getattr(r, "epoch", None) for r in stopped] == [3]
+
+    # The restarted agent, on the real chain, closes the epoch without submitting it.
+    fake.script.hold.set()
+    again = Agent(config)
+    await again.start()
+    try:
+        assert again.store is not None
+        store = again.store
+
+        async def closed() -> EpochRecord | None:
+            record = await store.epoch(vector.epoch_id)
+            return record if record is not None and record.state == DONE else None
+
+        record = await eventually(closed, what="epoch 3 closed")
+        assert record.outcome == Outcome.SUBMISSION_OUTCOME_FAILED
+        assert record.message == UNKNOWN_AFTER_STOP
+    finally:
+        await again.stop()
+    assert await local_chain.subnet.weights_set(HOTKEY) is None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
-from platform_common.chain import Chain, ChainWeights, Hyperparameters, Metagraph, SubmitResult
+from platform_common.chain import Chain, ChainWeights, SubmitResult
 from platform_network.v1 import weights_pb2
 from tests.support.waiting import eventually
 from tests.validator.conftest import LocalChain
-from tests.validator.support import NS, VALIDATOR_KEY, make_vector, signer
+from tests.validator.support import NS, VALIDATOR_KEY, ChainInFront, make_vector, signer
 from validator.reports import ReportFactory
 from validator.store import DONE, QUEUED, EpochRecord, Store
 from validator.submit import UNKNOWN_AFTER_STOP, SubmitSettings, Submitter
@@ -269,40 +269,22 @@ async def test_an_expired_queued_vector_is_skipped(harness: Harness) -> None:
     assert await harness.extrinsics() == 0
 
 
-class LostAnswer:
+class LostAnswer(ChainInFront):
     """The real chain, except that the answer to the first set_weights is lost: the
     extrinsic lands, and the caller gets an error."""
 
     def __init__(self, chain: Chain) -> None:
-        self._chain = chain
-        self.netuid = chain.netuid
+        super().__init__(chain)
         self.lost = False
-
-    async def current_block(self) -> int:
-        return await self._chain.current_block()
-
-    async def metagraph(self, block: int | None = None) -> Metagraph:
-        return await self._chain.metagraph(block)
-
-    async def hyperparameters(self, block: int | None = None) -> Hyperparameters:
-        return await self._chain.hyperparameters(block)
-
-    def plan_weights(
-        self, weights: Mapping[int, float], hyperparameters: Hyperparameters
-    ) -> ChainWeights:
-        return self._chain.plan_weights(weights, hyperparameters)
 
     async def set_weights(
         self, keypair: Any, weights: ChainWeights, *, mechanism_id: int = 0
     ) -> SubmitResult:
-        result = await self._chain.set_weights(keypair, weights, mechanism_id=mechanism_id)
+        result = await super().set_weights(keypair, weights, mechanism_id=mechanism_id)
         if not self.lost:
             self.lost = True
             raise TimeoutError("the connection dropped before the answer")
         return result
-
-    async def close(self) -> None:
-        await self._chain.close()
 
 
 async def test_a_failed_attempt_that_did_land_is_not_submitted_again(harness: Harness) -> None:
