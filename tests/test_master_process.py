@@ -196,7 +196,7 @@ def test_db_upgrade_and_current(tmp_path: Path) -> None:
     assert "database: (empty)" in before.stdout
     upgraded = run_cli("db", "upgrade", "--database-url", url)
     assert upgraded.returncode == 0, upgraded.stderr
-    assert "database: 0003_edge  release: 0003_edge" in upgraded.stdout
+    assert "database: 0004_epoch_tempos  release: 0004_epoch_tempos" in upgraded.stdout
 
 
 @pytest.mark.parametrize(

@@ -116,6 +116,22 @@ class EpochRow(Base):
     body: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
 
 
+class EpochTempoRow(Base):
+    """The master replica that runs the epoch of one tempo (the tempo schedule).
+
+    ``tempo_end_block`` is the block at which the chain runs the subnet's epoch, so
+    it names a tempo whatever the tempo length was. The primary key makes the claim
+    atomic across replicas: the first INSERT wins; a holder whose epoch could not be
+    sealed deletes its row so another replica may take the tempo.
+    """
+
+    __tablename__ = "epoch_tempos"
+
+    tempo_end_block: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    holder: Mapped[str] = mapped_column(String(128), nullable=False)
+    claim_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+
 class SubmissionRow(Base):
     """A validator's report about one epoch (Weights.ReportSubmission)."""
 

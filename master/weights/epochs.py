@@ -14,6 +14,10 @@ One epoch, start to end (``EpochEngine.run_epoch``):
 A vector is sealed only when every step succeeds; otherwise the epoch is not
 sealed, the reason is logged and counted, and the previous vector stays the
 latest until it expires.
+
+On the tempo schedule, master replicas sharing a database run each tempo's epoch
+once: the replica that claims the tempo first (``WeightsStore.claim_tempo``) runs
+it, and gives it back if it cannot seal, so that another replica may.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
+import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -111,6 +117,8 @@ class EpochEngine:
         #: answers), "seal" (everything after: allocation, conversion, signature,
         #: persistence, publication) and "total".
         self.last_timings: dict[str, float] = {}
+        #: This engine's name in the tempo claims other replicas see.
+        self.holder = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:12]}"[-128:]
 
     # -- scheduling -------------------------------------------------------------------
 
@@ -137,6 +145,7 @@ class EpochEngine:
     async def _every_tempo(self) -> None:
         settings = self.settings
         last_slot: int | None = None
+        yielded_slot: int | None = None
         while True:
             try:
                 block = await self._chain_call(self._chain.current_block())
@@ -147,28 +156,69 @@ class EpochEngine:
                 continue
             slot, remaining = tempo_position(block, settings.netuid, hyper.tempo)
             if remaining <= settings.lead_blocks and slot != last_slot:
-                # Sealed on the metagraph at the block that chose this slot: a block later
-                # the chain may already be in the next tempo.
-                await self._run_logged(block)
-                last_slot = slot
-                wait_blocks = remaining + 1
+                end_block = block + remaining
+                if await self._claim_tempo(end_block):
+                    # Sealed on the metagraph at the block that chose this slot: a block
+                    # later the chain may already be in the next tempo.
+                    if not await self._run_logged(block):
+                        await self._release_tempo(end_block)
+                    last_slot = slot
+                    wait_blocks = remaining + 1
+                else:
+                    if yielded_slot != slot:
+                        yielded_slot = slot
+                        telemetry.EPOCHS.labels("taken").inc()
+                        log.info(
+                            "epoch left to another replica",
+                            extra={"tempo_end_block": end_block},
+                        )
+                    # Looked at again every block: the holder gives the tempo back if it
+                    # cannot seal, and then this replica may take it.
+                    wait_blocks = 1
             else:
                 wait_blocks = max(remaining - settings.lead_blocks, 1)
             # Re-check at least every minute: block times drift.
             await asyncio.sleep(min(wait_blocks * settings.block_time, 60.0))
 
-    async def _run_logged(self, block: int | None = None) -> None:
+    async def _claim_tempo(self, end_block: int) -> bool:
+        """Whether this replica runs the epoch of the tempo ending at ``end_block``: the
+        first replica to claim it in the database does; the others leave it to it."""
+        try:
+            return await self._store.claim_tempo(end_block, self.holder)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("cannot claim the tempo's epoch", extra={"tempo_end_block": end_block})
+            return False
+
+    async def _release_tempo(self, end_block: int) -> None:
+        try:
+            await self._store.release_tempo(end_block, self.holder)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception(
+                "cannot give the tempo back; no other replica will run its epoch",
+                extra={"tempo_end_block": end_block},
+            )
+
+    async def _run_logged(self, block: int | None = None) -> bool:
+        """Run one epoch; whether one is sealed for it (by this replica, or, "taken", by
+        another)."""
         try:
             await self.run_epoch(block)
         except EpochNotSealed as exc:
             # "taken": another replica sealed it, which is how replicas share the schedule.
             level = logging.INFO if exc.outcome == "taken" else logging.ERROR
             log.log(level, "epoch not sealed", extra={"outcome": exc.outcome, "error": str(exc)})
+            return exc.outcome == "taken"
         except asyncio.CancelledError:
             raise
         except Exception:
             telemetry.EPOCHS.labels("error").inc()
             log.exception("epoch failed")
+            return False
+        return True
 
     def period(self, hyper: Hyperparameters | None) -> float:
         """Seconds between two epochs on this schedule."""

@@ -11,7 +11,7 @@ from sqlalchemy import delete, func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from master.db.models import EpochRow, SubmissionRow
+from master.db.models import EpochRow, EpochTempoRow, SubmissionRow
 from platform_network.v1 import weights_pb2
 
 
@@ -132,8 +132,21 @@ class WeightsStore:
         return out
 
     async def prune(self, keep: int) -> int:
-        """Delete all but the newest ``keep`` epochs; return the number deleted."""
+        """Delete all but the newest ``keep`` epochs, and all but the newest ``keep``
+        tempo claims; return the number of epochs deleted."""
         async with self._engine.begin() as conn:
+            last_tempo = (
+                await conn.execute(
+                    select(EpochTempoRow.tempo_end_block)
+                    .order_by(EpochTempoRow.tempo_end_block.desc())
+                    .offset(keep)
+                    .limit(1)
+                )
+            ).scalar_one_or_none()
+            if last_tempo is not None:
+                await conn.execute(
+                    delete(EpochTempoRow).where(EpochTempoRow.tempo_end_block <= last_tempo)
+                )
             cutoff = (
                 await conn.execute(
                     select(EpochRow.epoch).order_by(EpochRow.epoch.desc()).offset(keep).limit(1)
@@ -143,6 +156,41 @@ class WeightsStore:
                 return 0
             result = await conn.execute(delete(EpochRow).where(EpochRow.epoch <= cutoff))
             return int(result.rowcount or 0)
+
+    # -- tempo claims (replicas on the tempo schedule) --------------------------------
+
+    async def claim_tempo(self, end_block: int, holder: str) -> bool:
+        """Take the tempo whose chain epoch runs at ``end_block`` for ``holder``; False
+        when another holder has it (the primary key decides, whichever replica asks)."""
+        try:
+            async with self._engine.begin() as conn:
+                await conn.execute(
+                    insert(EpochTempoRow).values(
+                        tempo_end_block=end_block, holder=holder, claim_time=datetime.now(UTC)
+                    )
+                )
+        except IntegrityError:
+            return False
+        return True
+
+    async def release_tempo(self, end_block: int, holder: str) -> None:
+        """Give the tempo back (its epoch could not be sealed), if ``holder`` has it."""
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                delete(EpochTempoRow).where(
+                    EpochTempoRow.tempo_end_block == end_block, EpochTempoRow.holder == holder
+                )
+            )
+
+    async def tempo_holder(self, end_block: int) -> str | None:
+        """Who has the tempo whose chain epoch runs at ``end_block``, if anyone."""
+        async with self._engine.connect() as conn:
+            holder = (
+                await conn.execute(
+                    select(EpochTempoRow.holder).where(EpochTempoRow.tempo_end_block == end_block)
+                )
+            ).scalar_one_or_none()
+        return None if holder is None else str(holder)
 
     # -- submissions ------------------------------------------------------------------
 

@@ -1,0 +1,238 @@
+"""Master replicas on the tempo schedule: one replica runs each tempo's epoch."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from master.db.engine import create_engine
+from master.weights.epochs import tempo_position
+from master.weights.store import WeightsStore
+from platform_common.chain import LocalSubnet, SubnetHyperparameters
+from platform_network.v1 import weights_pb2
+from tests.epochs.conftest import EpochMaster, Subnet, start_epoch_master
+from tests.support.master import ADMIN
+from tests.support.waiting import eventually
+
+TEMPO, LEAD = 12, 4
+# The store runs on both backends; the schedule needs one.
+on_sqlite = pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+
+
+@pytest.fixture
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    created = create_engine(database_url)
+    try:
+        yield created
+    finally:
+        await created.dispose()
+
+
+async def test_a_tempo_is_claimed_once_and_given_back_only_by_its_holder(
+    engine: AsyncEngine,
+) -> None:
+    store = WeightsStore(engine)
+    assert await store.claim_tempo(120, "a")
+    assert not await store.claim_tempo(120, "b")
+    assert not await store.claim_tempo(120, "a")  # not twice by the same holder either
+    assert await store.tempo_holder(120) == "a"
+    assert await store.claim_tempo(133, "b")  # the next tempo is free
+
+    await store.release_tempo(120, "b")  # not b's to give back
+    assert await store.tempo_holder(120) == "a"
+    await store.release_tempo(120, "a")
+    assert await store.tempo_holder(120) is None
+    assert await store.claim_tempo(120, "b")
+
+    # Pruning keeps the newest claims, as it keeps the newest epochs.
+    assert await store.claim_tempo(146, "a")
+    await store.prune(keep=2)
+    assert [await store.tempo_holder(b) for b in (120, 133, 146)] == [None, "b", "a"]
+
+
+@on_sqlite
+async def test_replicas_on_the_tempo_schedule_run_each_tempo_once(
+    database_url: str, tmp_path: Path, token_key_file: Path
+) -> None:
+    path = tmp_path / "chain.json"
+    LocalSubnet.create(
+        path,
+        neurons=8,
+        validators=2,
+        block_time=0.05,
+        hyperparameters=SubnetHyperparameters(tempo=TEMPO),
+    )
+    subnet = Subnet(f"local+file:{path}", LocalSubnet.open(path))
+    settings = {
+        "epochs": True,
+        "epoch_schedule": "tempo",
+        "epoch_lead_blocks": LEAD,
+        "block_time": 0.05,
+        "feed_poll_interval": 0.1,
+    }
+    masters: list[EpochMaster] = []
+    runs: Counter[tuple[str, int]] = Counter()
+    for _ in range(2):
+        master = await start_epoch_master(database_url, subnet, token_key_file, **settings)
+        masters.append(master)
+        count_runs(master, runs)
+    try:
+        stream = masters[0].weights.WatchWeights(
+            weights_pb2.WatchWeightsRequest(since_epoch=0), metadata=ADMIN
+        )
+        sealed: list[weights_pb2.WeightVector] = []
+        async for message in stream:
+            if message.HasField("vector"):
+                sealed.append(message.vector)
+            if len(sealed) == 4:
+                break
+        stream.cancel()
+        holders = []
+        reader = create_engine(database_url)
+        try:
+            store = WeightsStore(reader)
+            for vector in sealed:
+                _, remaining = tempo_position(vector.metagraph_block, 1, TEMPO)
+                holders.append(await store.tempo_holder(vector.metagraph_block + remaining))
+        finally:
+            await reader.dispose()
+    finally:
+        for master in masters:
+            await master.close()
+    slots = [tempo_position(v.metagraph_block, 1, TEMPO)[0] for v in sealed]
+    assert slots == sorted(set(slots)), f"one epoch per tempo: {slots}"
+    assert [v.epoch for v in sealed] == list(range(sealed[0].epoch, sealed[0].epoch + 4))
+    # Each of these tempos was run by one replica only, the one that holds its claim.
+    for slot, holder in zip(slots, holders, strict=True):
+        assert {h: n for (h, s), n in runs.items() if s == slot} == {holder: 1}, (slot, runs)
+    assert set(holders) <= {m.engine.holder for m in masters}
+
+
+def count_runs(master: EpochMaster, runs: Counter[tuple[str, int]]) -> None:
+    """Count the master's epoch runs by (holder, tempo slot) (a spy: each run goes on)."""
+    engine = master.engine
+    run = engine.run_epoch
+
+    async def counted(block: int | None = None) -> weights_pb2.Epoch:
+        assert block is not None  # the schedule passes the block that chose the tempo
+        runs[(engine.holder, tempo_position(block, 1, TEMPO)[0])] += 1
+        return await run(block)
+
+    engine.run_epoch = counted  # type: ignore[method-assign]
+
+
+def tempo_chain(tmp_path: Path, block_time: float) -> Subnet:
+    path = tmp_path / "chain.json"
+    LocalSubnet.create(
+        path,
+        neurons=8,
+        validators=2,
+        block_time=block_time,
+        hyperparameters=SubnetHyperparameters(tempo=TEMPO),
+    )
+    return Subnet(f"local+file:{path}", LocalSubnet.open(path))
+
+
+def yielded(caplog: pytest.LogCaptureFixture) -> list[int]:
+    return [
+        int(getattr(r, "tempo_end_block", -1))
+        for r in caplog.records
+        if r.name == "master.weights.epochs" and r.getMessage() == "epoch left to another replica"
+    ]
+
+
+@on_sqlite
+async def test_a_tempo_given_back_is_taken_by_another_replica(
+    database_url: str,
+    engine: AsyncEngine,
+    tmp_path: Path,
+    token_key_file: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="master.weights.epochs")
+    subnet = tempo_chain(tmp_path, block_time=0.1)
+    store = WeightsStore(engine)
+    # Another replica holds the next tempo, the one after the current block's.
+    block = await subnet.local.head()
+    _, remaining = tempo_position(block, 1, TEMPO)
+    held = block + remaining + TEMPO + 1
+    assert await store.claim_tempo(held, "other-replica")
+    master = await start_epoch_master(
+        database_url,
+        subnet,
+        token_key_file,
+        epochs=True,
+        epoch_schedule="tempo",
+        epoch_lead_blocks=8,
+        block_time=0.1,
+    )
+    try:
+
+        async def left_to_the_other() -> bool:
+            return held in yielded(caplog)
+
+        await eventually(left_to_the_other, what="the held tempo left to its holder")
+        assert await store.tempo_holder(held) == "other-replica"
+        await store.release_tempo(held, "other-replica")  # it could not seal
+
+        async def sealed_by_this_master() -> bool:
+            return await store.tempo_holder(held) == master.engine.holder
+
+        await eventually(sealed_by_this_master, what="the tempo taken over")
+        stream = master.weights.WatchWeights(
+            weights_pb2.WatchWeightsRequest(since_epoch=0), metadata=ADMIN
+        )
+        async for message in stream:
+            vector = message.vector if message.HasField("vector") else message.snapshot.latest
+            _, left = tempo_position(vector.metagraph_block, 1, TEMPO)
+            if vector.metagraph_block + left == held:
+                break
+        stream.cancel()
+    finally:
+        await master.close()
+    assert yielded(caplog).count(held) == 1  # said once, however often it looked again
+
+
+@on_sqlite
+async def test_a_replica_that_cannot_seal_gives_its_tempo_back(
+    database_url: str,
+    engine: AsyncEngine,
+    tmp_path: Path,
+    token_key_file: Path,
+) -> None:
+    subnet = tempo_chain(tmp_path, block_time=0.05)
+    runs: Counter[tuple[str, int]] = Counter()
+    # Burn UID 40 is not in the 8-neuron metagraph: no epoch can be sealed.
+    master = await start_epoch_master(
+        database_url,
+        subnet,
+        token_key_file,
+        epochs=True,
+        epoch_schedule="tempo",
+        epoch_lead_blocks=LEAD,
+        block_time=0.05,
+        burn_uid=40,
+    )
+    count_runs(master, runs)
+    try:
+
+        async def ran_twice() -> bool:
+            return sum(runs.values()) >= 2
+
+        await eventually(ran_twice, what="two failed epochs")
+    finally:
+        await master.close()
+    store = WeightsStore(engine)
+    assert await store.last_epoch() == 0
+    for _, slot in runs:
+        assert await store.tempo_holder(end_of(slot)) is None, slot
+
+
+def end_of(slot: int) -> int:
+    """The block at which tempo ``slot`` of netuid 1 ends (see ``tempo_position``)."""
+    return slot * (TEMPO + 1) + TEMPO - 2
