@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from master.weights.epochs import EpochEngine
-from platform_common.chain import LocalSubnet
+from platform_common.chain import LocalSubnet, SubnetHyperparameters
 from platform_network.v1 import weights_pb2, weights_pb2_grpc
-from tests.support.master import RunningMaster, start_master
+from tests.support.master import ADMIN, RunningMaster, start_master
 
 MASTER_KEY = "//platform-test/master"
 
@@ -89,3 +89,43 @@ async def epoch_master(
         yield running
     finally:
         await running.close()
+
+
+def tempo_subnet(tmp_path: Path, *, tempo: int, block_time: float) -> Subnet:
+    """A netuid-1 subnet of 8 neurons whose blocks advance on their own."""
+    path = tmp_path / "chain.json"
+    LocalSubnet.create(
+        path,
+        neurons=8,
+        validators=2,
+        block_time=block_time,
+        hyperparameters=SubnetHyperparameters(tempo=tempo),
+    )
+    return Subnet(f"local+file:{path}", LocalSubnet.open(path))
+
+
+def tempo_schedule(*, lead: int, block_time: float) -> dict[str, Any]:
+    """Master settings for epochs on the tempo schedule."""
+    return {
+        "epochs": True,
+        "epoch_schedule": "tempo",
+        "epoch_lead_blocks": lead,
+        "block_time": block_time,
+    }
+
+
+async def sealed_vectors(master: EpochMaster, count: int) -> list[weights_pb2.WeightVector]:
+    """The next ``count`` vectors ``master`` pushes on WatchWeights."""
+    stream = master.weights.WatchWeights(
+        weights_pb2.WatchWeightsRequest(since_epoch=0), metadata=ADMIN
+    )
+    sealed: list[weights_pb2.WeightVector] = []
+    try:
+        async for message in stream:
+            if message.HasField("vector"):
+                sealed.append(message.vector)
+            if len(sealed) == count:
+                break
+    finally:
+        stream.cancel()
+    return sealed

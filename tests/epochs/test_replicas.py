@@ -13,9 +13,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from master.db.engine import create_engine
 from master.weights.epochs import tempo_position
 from master.weights.store import WeightsStore
-from platform_common.chain import LocalSubnet, SubnetHyperparameters
 from platform_network.v1 import weights_pb2
-from tests.epochs.conftest import EpochMaster, Subnet, start_epoch_master
+from tests.epochs.conftest import (
+    EpochMaster,
+    sealed_vectors,
+    start_epoch_master,
+    tempo_schedule,
+    tempo_subnet,
+)
 from tests.support.master import ADMIN
 from tests.support.waiting import eventually
 
@@ -57,24 +62,10 @@ async def test_a_tempo_is_claimed_once_and_given_back_only_by_its_holder(
 
 @on_sqlite
 async def test_replicas_on_the_tempo_schedule_run_each_tempo_once(
-    database_url: str, tmp_path: Path, token_key_file: Path
+    database_url: str, engine: AsyncEngine, tmp_path: Path, token_key_file: Path
 ) -> None:
-    path = tmp_path / "chain.json"
-    LocalSubnet.create(
-        path,
-        neurons=8,
-        validators=2,
-        block_time=0.05,
-        hyperparameters=SubnetHyperparameters(tempo=TEMPO),
-    )
-    subnet = Subnet(f"local+file:{path}", LocalSubnet.open(path))
-    settings = {
-        "epochs": True,
-        "epoch_schedule": "tempo",
-        "epoch_lead_blocks": LEAD,
-        "block_time": 0.05,
-        "feed_poll_interval": 0.1,
-    }
+    subnet = tempo_subnet(tmp_path, tempo=TEMPO, block_time=0.05)
+    settings = {**tempo_schedule(lead=LEAD, block_time=0.05), "feed_poll_interval": 0.1}
     masters: list[EpochMaster] = []
     runs: Counter[tuple[str, int]] = Counter()
     for _ in range(2):
@@ -82,25 +73,12 @@ async def test_replicas_on_the_tempo_schedule_run_each_tempo_once(
         masters.append(master)
         count_runs(master, runs)
     try:
-        stream = masters[0].weights.WatchWeights(
-            weights_pb2.WatchWeightsRequest(since_epoch=0), metadata=ADMIN
-        )
-        sealed: list[weights_pb2.WeightVector] = []
-        async for message in stream:
-            if message.HasField("vector"):
-                sealed.append(message.vector)
-            if len(sealed) == 4:
-                break
-        stream.cancel()
+        sealed = await sealed_vectors(masters[0], 4)
+        store = WeightsStore(engine)
         holders = []
-        reader = create_engine(database_url)
-        try:
-            store = WeightsStore(reader)
-            for vector in sealed:
-                _, remaining = tempo_position(vector.metagraph_block, 1, TEMPO)
-                holders.append(await store.tempo_holder(vector.metagraph_block + remaining))
-        finally:
-            await reader.dispose()
+        for vector in sealed:
+            _, remaining = tempo_position(vector.metagraph_block, 1, TEMPO)
+            holders.append(await store.tempo_holder(vector.metagraph_block + remaining))
     finally:
         for master in masters:
             await master.close()
@@ -126,18 +104,6 @@ def count_runs(master: EpochMaster, runs: Counter[tuple[str, int]]) -> None:
     engine.run_epoch = counted  # type: ignore[method-assign]
 
 
-def tempo_chain(tmp_path: Path, block_time: float) -> Subnet:
-    path = tmp_path / "chain.json"
-    LocalSubnet.create(
-        path,
-        neurons=8,
-        validators=2,
-        block_time=block_time,
-        hyperparameters=SubnetHyperparameters(tempo=TEMPO),
-    )
-    return Subnet(f"local+file:{path}", LocalSubnet.open(path))
-
-
 def yielded(caplog: pytest.LogCaptureFixture) -> list[int]:
     return [
         int(getattr(r, "tempo_end_block", -1))
@@ -155,7 +121,7 @@ async def test_a_tempo_given_back_is_taken_by_another_replica(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="master.weights.epochs")
-    subnet = tempo_chain(tmp_path, block_time=0.1)
+    subnet = tempo_subnet(tmp_path, tempo=TEMPO, block_time=0.1)
     store = WeightsStore(engine)
     # Another replica holds the next tempo, the one after the current block's.
     block = await subnet.local.head()
@@ -163,13 +129,7 @@ async def test_a_tempo_given_back_is_taken_by_another_replica(
     held = block + remaining + TEMPO + 1
     assert await store.claim_tempo(held, "other-replica")
     master = await start_epoch_master(
-        database_url,
-        subnet,
-        token_key_file,
-        epochs=True,
-        epoch_schedule="tempo",
-        epoch_lead_blocks=8,
-        block_time=0.1,
+        database_url, subnet, token_key_file, **tempo_schedule(lead=8, block_time=0.1)
     )
     try:
 
@@ -205,17 +165,14 @@ async def test_a_replica_that_cannot_seal_gives_its_tempo_back(
     tmp_path: Path,
     token_key_file: Path,
 ) -> None:
-    subnet = tempo_chain(tmp_path, block_time=0.05)
+    subnet = tempo_subnet(tmp_path, tempo=TEMPO, block_time=0.05)
     runs: Counter[tuple[str, int]] = Counter()
     # Burn UID 40 is not in the 8-neuron metagraph: no epoch can be sealed.
     master = await start_epoch_master(
         database_url,
         subnet,
         token_key_file,
-        epochs=True,
-        epoch_schedule="tempo",
-        epoch_lead_blocks=LEAD,
-        block_time=0.05,
+        **tempo_schedule(lead=LEAD, block_time=0.05),
         burn_uid=40,
     )
     count_runs(master, runs)

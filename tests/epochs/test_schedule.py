@@ -12,9 +12,16 @@ from prometheus_client import REGISTRY
 
 from master.weights.endpoints import ShimEndpointsFile
 from master.weights.epochs import EpochNotSealed, tempo_position
-from platform_common.chain import LocalSubnet, SubnetHyperparameters
 from platform_network.v1 import common_pb2, weights_pb2
-from tests.epochs.conftest import EpochMaster, Subnet, read, start_epoch_master
+from tests.epochs.conftest import (
+    EpochMaster,
+    Subnet,
+    read,
+    sealed_vectors,
+    start_epoch_master,
+    tempo_schedule,
+    tempo_subnet,
+)
 from tests.helpers import refused
 from tests.support.master import ADMIN
 
@@ -36,34 +43,12 @@ async def test_tempo_schedule_seals_once_per_tempo_inside_the_lead(
     database_url: str, tmp_path: Path, token_key_file: Path
 ) -> None:
     tempo, lead = 12, 4
-    path = tmp_path / "chain.json"
-    LocalSubnet.create(
-        path,
-        neurons=8,
-        validators=2,
-        block_time=0.05,
-        hyperparameters=SubnetHyperparameters(tempo=tempo),
-    )
+    subnet = tempo_subnet(tmp_path, tempo=tempo, block_time=0.05)
     master = await start_epoch_master(
-        database_url,
-        Subnet(f"local+file:{path}", LocalSubnet.open(path)),
-        token_key_file,
-        epochs=True,
-        epoch_schedule="tempo",
-        epoch_lead_blocks=lead,
-        block_time=0.05,
+        database_url, subnet, token_key_file, **tempo_schedule(lead=lead, block_time=0.05)
     )
     try:
-        stream = master.weights.WatchWeights(
-            weights_pb2.WatchWeightsRequest(since_epoch=0), metadata=ADMIN
-        )
-        sealed: list[weights_pb2.WeightVector] = []
-        async for message in stream:
-            if message.HasField("vector"):
-                sealed.append(message.vector)
-            if len(sealed) == 3:
-                break
-        stream.cancel()
+        sealed = await sealed_vectors(master, 3)
     finally:
         await master.close()
     slots = []
