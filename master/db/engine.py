@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -51,6 +52,16 @@ def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
         _tune_sqlite(engine)
         return engine
     return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+
+
+def insert_once(engine: AsyncEngine, table: Any) -> Any:
+    """``INSERT ... ON CONFLICT DO NOTHING`` into ``table`` for ``engine``'s backend: a
+    row whose key is taken is not inserted (result rowcount 0) instead of raising, so
+    claims that lose to another replica cost no exception and leave no error line in
+    the PostgreSQL log."""
+    if engine.dialect.name == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing()
+    return sqlite.insert(table).on_conflict_do_nothing()
 
 
 def _tune_sqlite(engine: AsyncEngine) -> None:

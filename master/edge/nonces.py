@@ -40,10 +40,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import delete
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from master.db.engine import insert_once
 from master.db.models import EdgeNonceRow
 
 log = logging.getLogger(__name__)
@@ -65,10 +65,7 @@ class NonceStore:
         self._driver: Any = None
         self._claim_sql = ""
         self._expire_param: Callable[[datetime], Any] = lambda value: value
-        if engine.dialect.name == "postgresql":
-            self._claim = postgresql.insert(EdgeNonceRow).on_conflict_do_nothing()
-        else:
-            self._claim = sqlite.insert(EdgeNonceRow).on_conflict_do_nothing()
+        self._claim = insert_once(engine, EdgeNonceRow)
         if engine.dialect.name == "sqlite":
             compiled = self._claim.compile(dialect=engine.dialect)
             if list(compiled.positiontup or ()) != ["hotkey", "nonce", "expire_time"]:

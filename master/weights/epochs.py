@@ -157,7 +157,8 @@ class EpochEngine:
             slot, remaining = tempo_position(block, settings.netuid, hyper.tempo)
             if remaining <= settings.lead_blocks and slot != last_slot:
                 end_block = block + remaining
-                if await self._claim_tempo(end_block):
+                claimed = await self._claim_tempo(end_block)
+                if claimed:
                     # Sealed on the metagraph at the block that chose this slot: a block
                     # later the chain may already be in the next tempo.
                     if not await self._run_logged(block):
@@ -165,7 +166,7 @@ class EpochEngine:
                     last_slot = slot
                     wait_blocks = remaining + 1
                 else:
-                    if yielded_slot != slot:
+                    if claimed is False and yielded_slot != slot:
                         yielded_slot = slot
                         telemetry.EPOCHS.labels("taken").inc()
                         log.info(
@@ -173,23 +174,24 @@ class EpochEngine:
                             extra={"tempo_end_block": end_block},
                         )
                     # Looked at again every block: the holder gives the tempo back if it
-                    # cannot seal, and then this replica may take it.
+                    # cannot seal (and a claim the database refused is tried again).
                     wait_blocks = 1
             else:
                 wait_blocks = max(remaining - settings.lead_blocks, 1)
             # Re-check at least every minute: block times drift.
             await asyncio.sleep(min(wait_blocks * settings.block_time, 60.0))
 
-    async def _claim_tempo(self, end_block: int) -> bool:
+    async def _claim_tempo(self, end_block: int) -> bool | None:
         """Whether this replica runs the epoch of the tempo ending at ``end_block``: the
-        first replica to claim it in the database does; the others leave it to it."""
+        first replica to claim it in the database does; the others leave it to it. None
+        when the database could not be asked."""
         try:
             return await self._store.claim_tempo(end_block, self.holder)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("cannot claim the tempo's epoch", extra={"tempo_end_block": end_block})
-            return False
+            return None
 
     async def _release_tempo(self, end_block: int) -> None:
         try:

@@ -11,6 +11,7 @@ from sqlalchemy import delete, func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from master.db.engine import insert_once
 from master.db.models import EpochRow, EpochTempoRow, SubmissionRow
 from platform_network.v1 import weights_pb2
 
@@ -162,16 +163,13 @@ class WeightsStore:
     async def claim_tempo(self, end_block: int, holder: str) -> bool:
         """Take the tempo whose chain epoch runs at ``end_block`` for ``holder``; False
         when another holder has it (the primary key decides, whichever replica asks)."""
-        try:
-            async with self._engine.begin() as conn:
-                await conn.execute(
-                    insert(EpochTempoRow).values(
-                        tempo_end_block=end_block, holder=holder, claim_time=datetime.now(UTC)
-                    )
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                insert_once(self._engine, EpochTempoRow).values(
+                    tempo_end_block=end_block, holder=holder, claim_time=datetime.now(UTC)
                 )
-        except IntegrityError:
-            return False
-        return True
+            )
+        return int(result.rowcount or 0) == 1
 
     async def release_tempo(self, end_block: int, holder: str) -> None:
         """Give the tempo back (its epoch could not be sealed), if ``holder`` has it."""

@@ -8,9 +8,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from master.db.engine import create_engine
+from master.db.models import EpochTempoRow
 from master.weights.epochs import tempo_position
 from master.weights.store import WeightsStore
 from platform_network.v1 import weights_pb2
@@ -27,6 +29,7 @@ from tests.support.waiting import eventually
 TEMPO, LEAD = 12, 4
 # The store runs on both backends; the schedule needs one.
 on_sqlite = pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+TEMPO_CLAIMS = EpochTempoRow.metadata.tables[EpochTempoRow.__tablename__]
 
 
 @pytest.fixture
@@ -121,6 +124,7 @@ async def test_a_tempo_given_back_is_taken_by_another_replica(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="master.weights.epochs")
+    taken_before = taken()
     subnet = tempo_subnet(tmp_path, tempo=TEMPO, block_time=0.1)
     store = WeightsStore(engine)
     # Another replica holds the next tempo, the one after the current block's.
@@ -156,6 +160,46 @@ async def test_a_tempo_given_back_is_taken_by_another_replica(
     finally:
         await master.close()
     assert yielded(caplog).count(held) == 1  # said once, however often it looked again
+    assert taken() == taken_before + 1  # and counted once
+
+
+@on_sqlite
+async def test_a_claim_the_database_refuses_is_not_taken_for_another_replicas(
+    database_url: str,
+    engine: AsyncEngine,
+    tmp_path: Path,
+    token_key_file: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="master.weights.epochs")
+    taken_before = taken()
+    async with engine.begin() as conn:
+        await conn.run_sync(TEMPO_CLAIMS.drop)
+    subnet = tempo_subnet(tmp_path, tempo=TEMPO, block_time=0.05)
+    master = await start_epoch_master(
+        database_url, subnet, token_key_file, **tempo_schedule(lead=LEAD, block_time=0.05)
+    )
+    try:
+
+        async def refused() -> bool:
+            return any(r.getMessage() == "cannot claim the tempo's epoch" for r in caplog.records)
+
+        await eventually(refused, what="a claim the database refused")
+        assert await WeightsStore(engine).last_epoch() == 0
+        async with engine.begin() as conn:  # the database is back
+            await conn.run_sync(TEMPO_CLAIMS.create)
+        sealed = await sealed_vectors(master, 1)
+    finally:
+        await master.close()
+    assert sealed[0].epoch == 1
+    # Neither said nor counted as another replica's tempo.
+    assert yielded(caplog) == []
+    assert taken() == taken_before
+
+
+def taken() -> float:
+    """``platform_epochs_total{outcome="taken"}`` so far (every master in this process)."""
+    return REGISTRY.get_sample_value("platform_epochs_total", {"outcome": "taken"}) or 0.0
 
 
 @on_sqlite
