@@ -53,22 +53,27 @@ def hard_timeout(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous_term)
 
 
+def run_guarded(timeout: float, body: Callable[[], int]) -> int:
+    """``body`` within the hard time limit: its exit status, or 2 (after saying why) when
+    it ran out of time or raised."""
+    try:
+        with hard_timeout(timeout):
+            return body()
+    except BenchTimeout as exc:
+        fail(str(exc))
+        return 2
+    except Exception:
+        traceback.print_exc()
+        return 2
+
+
 def run_in_scratch(name: str, timeout: float, body: Callable[[Path], int]) -> int:
-    """``body`` in a fresh scratch directory under the repository's ``.tmp``, within the
-    hard time limit: its exit status, or 2 (after saying why) when it ran out of time or
-    raised."""
+    """``body`` in a fresh scratch directory under the repository's ``.tmp``, guarded as
+    :func:`run_guarded` does."""
     scratch = Path(__file__).resolve().parents[1] / ".tmp"
     scratch.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=scratch, prefix=f"bench-{name}-") as tmp:
-        try:
-            with hard_timeout(timeout):
-                return body(Path(tmp))
-        except BenchTimeout as exc:
-            fail(str(exc))
-            return 2
-        except Exception:
-            traceback.print_exc()
-            return 2
+        return run_guarded(timeout, lambda: body(Path(tmp)))
 
 
 # -- databases and the master ---------------------------------------------------------
@@ -283,6 +288,29 @@ def machine() -> str:
         f"{os.cpu_count()} CPUs ({model or platform.machine()}), Linux {platform.release()}, "
         f"Python {platform.python_version()}, grpcio {grpc.__version__}"
     )
+
+
+#: A benchmark target: what it says, the figure measured, whether it holds.
+Target = tuple[str, str, bool]
+
+
+def print_targets(targets: Sequence[Target]) -> None:
+    """The closing table of a benchmark: each target, its figure, PASS or MISS."""
+    print()
+    print(
+        table(
+            ["target", "measured", "result"],
+            [[what, measured, "PASS" if ok else "MISS"] for what, measured, ok in targets],
+        )
+    )
+
+
+def targets_status(targets: Sequence[Target]) -> int:
+    """0 when every target holds; otherwise 1, after saying so on stderr."""
+    if all(ok for _, _, ok in targets):
+        return 0
+    fail("a target was missed" if len(targets) > 1 else "the target was missed")
+    return 1
 
 
 def fail(message: str) -> None:

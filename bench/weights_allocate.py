@@ -24,19 +24,17 @@ import os
 import random
 import sys
 import time
-import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bench.common import (
-    BenchTimeout,
     CpuMeter,
     command_line,
     fail,
-    hard_timeout,
     machine,
     other_load_warning,
     percentile,
+    run_guarded,
     table,
 )
 from platform_common.weights import PPB, ChallengeInput, Policy, allocate
@@ -107,37 +105,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     shown = list(argv) if argv is not None else sys.argv[1:]
     print(f"command: {command_line(MODULE, shown)}")
     print(f"machine: {machine()}")
+    return run_guarded(args.timeout, lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> int:
     rows: list[list[object]] = []
     missed: list[str] = []
     meter = CpuMeter([os.getpid()])
-    try:
-        with hard_timeout(args.timeout):
-            inputs = shapes(random.Random(SEED))
-            gc.collect()
-            meter.start()
-            for shape in inputs:
-                times = measure(shape, args.runs)
-                p50 = percentile(times, 50)
-                rows.append(
-                    [
-                        shape.name,
-                        min(times),
-                        p50,
-                        percentile(times, 99),
-                        max(times),
-                        shape.target_ms,
-                        "yes" if p50 <= shape.target_ms else "NO",
-                    ]
-                )
-                if p50 > shape.target_ms:
-                    missed.append(f"{shape.name}: p50 {p50:.1f} ms > {shape.target_ms:.0f} ms")
-            _own, other = meter.stop()
-    except BenchTimeout as exc:
-        fail(str(exc))
-        return 2
-    except Exception:
-        traceback.print_exc()
-        return 2
+    inputs = shapes(random.Random(SEED))
+    gc.collect()
+    meter.start()
+    for shape in inputs:
+        times = measure(shape, args.runs)
+        p50 = percentile(times, 50)
+        rows.append(
+            [
+                shape.name,
+                min(times),
+                p50,
+                percentile(times, 99),
+                max(times),
+                shape.target_ms,
+                "yes" if p50 <= shape.target_ms else "NO",
+            ]
+        )
+        if p50 > shape.target_ms:
+            missed.append(f"{shape.name}: p50 {p50:.1f} ms > {shape.target_ms:.0f} ms")
+    _own, other = meter.stop()
     print()
     print(
         table(
