@@ -187,8 +187,6 @@ class EpochEngine:
         when the database could not be asked."""
         try:
             return await self._store.claim_tempo(end_block, self.holder)
-        except asyncio.CancelledError:
-            raise
         except Exception:
             log.exception("cannot claim the tempo's epoch", extra={"tempo_end_block": end_block})
             return None
@@ -196,8 +194,6 @@ class EpochEngine:
     async def _release_tempo(self, end_block: int) -> None:
         try:
             await self._store.release_tempo(end_block, self.holder)
-        except asyncio.CancelledError:
-            raise
         except Exception:
             log.exception(
                 "cannot give the tempo back; no other replica will run its epoch",

@@ -93,8 +93,6 @@ class WeightsFeed:
             await asyncio.sleep(interval)
             try:
                 published = await self.sync()
-            except asyncio.CancelledError:
-                raise
             except Exception as exc:
                 log.warning("reading epochs sealed elsewhere failed", extra={"error": str(exc)})
             else:
