@@ -21,8 +21,9 @@ replaced on the next claim. On SQLite the claim goes straight to the aiosqlite
 connection under it, with the statement SQLAlchemy compiled once: aiosqlite runs
 every call in its own thread, and SQLAlchemy's async adapter makes several such
 calls per statement, each a thread hop (about 1.4 ms a claim on two shared vCPUs,
-against 0.37 ms with the one hop of the driver's own ``execute``). A driver error
-is raised as SQLAlchemy's ``DBAPIError``, as on the other path.
+against 0.34 ms with the one hop of the driver's own ``execute``, in one-off
+timings). A driver error is raised as SQLAlchemy's ``DBAPIError``, as on the other
+path.
 
 Rows are only needed while their nonce could still pass the freshness check;
 :meth:`NonceStore.prune` deletes the expired ones. Pruning is this module's
