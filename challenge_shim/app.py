@@ -83,7 +83,7 @@ class Shim:
             bound = await server.start(host, port)
         except (OSError, RuntimeError) as exc:
             await self._upstream.close()
-            raise StartupError(f"--listen: cannot listen on {config.listen}: {exc}") from exc
+            raise StartupError(f"--listen: {exc}") from exc
         self._server = server
         self.address = join_host_port(host, bound)
 

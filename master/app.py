@@ -176,7 +176,7 @@ class Master:
         except (OSError, RuntimeError) as exc:
             await self._feed.close()
             await self._engine.dispose()
-            raise StartupError(f"--listen: cannot listen on {config.listen}: {exc}") from exc
+            raise StartupError(f"--listen: {exc}") from exc
         self._server = server
         # Epochs other replicas seal; stopped with the server (close_weights_feed).
         self._weights_feed.follow(config.feed_poll_interval)
@@ -229,6 +229,7 @@ class Master:
         server = rpc.Server(
             interceptors=[guard],
             max_concurrent_rpcs=config.max_concurrent_rpcs,
+            reuse_port=config.reuse_port,
             # gRPC core queues calls the event loop has not picked up yet and, past
             # 1,000 by default, cancels new ones: every validator reconnecting at
             # once after a restart would see CANCELLED. Queue as many as we serve.

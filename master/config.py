@@ -21,6 +21,12 @@ class MasterConfig:
         "gRPC listen address HOST:PORT (port 0 picks a free port)",
         metavar="HOST:PORT",
     )
+    reuse_port: bool = setting(
+        False,
+        "share the --listen port with other master processes of this deployment on this host "
+        "(SO_REUSEPORT: the kernel spreads connections among them; all must use the same "
+        "database and token key); off, a port in use is refused",
+    )
     database_url: str = setting(
         "sqlite+aiosqlite:///platform.db",
         "control-plane database: sqlite+aiosqlite:///PATH (embedded, dev only) or "

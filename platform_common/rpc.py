@@ -384,7 +384,13 @@ class Server:
         interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
         max_concurrent_rpcs: int | None = None,
         options: Iterable[tuple[str, Any]] = (),
+        reuse_port: bool = False,
     ) -> None:
+        """``reuse_port`` lets other processes listen on the same port (SO_REUSEPORT;
+        the kernel spreads new connections among them). gRPC core turns it on by
+        default on Linux, so that a second server started on a port in use would
+        silently take half its connections; here it is off unless asked for, and
+        such a start fails instead."""
         interceptors = tuple(interceptors)
         # Guards are applied to each handler once, as it is registered, instead of
         # running as interceptors on every call. Any other interceptor keeps them all
@@ -395,7 +401,11 @@ class Server:
         server = grpc.aio.server(
             interceptors=() if guards else interceptors,
             maximum_concurrent_rpcs=max_concurrent_rpcs,
-            options=KEEPALIVE_OPTIONS + tuple(options),
+            options=(
+                *KEEPALIVE_OPTIONS,
+                ("grpc.so_reuseport", 1 if reuse_port else 0),
+                *options,
+            ),
         )
         self._server = GuardedServer(server, guards)
         self.health = Health()
@@ -434,9 +444,14 @@ class Server:
             [*self._service_names, reflection.SERVICE_NAME], self._server
         )
         address = join_host_port(host, port)
-        self.port = self._server.add_insecure_port(address)
+        try:
+            self.port = self._server.add_insecure_port(address)
+        except RuntimeError:  # gRPC's message only points at GRPC_VERBOSITY
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot listen on {address}")
+            raise OSError(
+                f"cannot listen on {address}: the port is in use or the address is not this host's"
+            )
         await self._server.start()
         for name in ["", *self._healthy]:
             self.health.set(name, SERVING)

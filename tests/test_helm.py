@@ -68,6 +68,7 @@ SET_BY_CHART = {
 NOT_FOR_KUBERNETES = {
     "admin_token_file": "the token comes from a Secret through PLATFORM_ADMIN_TOKEN",
     "ready_file": "readiness is the gRPC health probe",
+    "reuse_port": "replicas are pods behind a Service; sharing a port is for masters on one host",
     "edge_envoy": "in Kubernetes Envoy runs as its own Deployment, not as the master's child",
     "edge_envoy_dir": "only for the local Envoy of --edge-envoy",
     "edge_admin_listen": "only for the local Envoy of --edge-envoy",

@@ -14,6 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from platform_network.v1 import registry_pb2, registry_pb2_grpc
+from tests.conftest import fresh_database
 from tests.helpers import ACTIVE, create, set_status
 from tests.registry.test_watch import take, watch
 from tests.support.master import ADMIN, ADMIN_TOKEN, VENV_BIN, MasterProcess
@@ -123,6 +124,68 @@ async def test_metrics_endpoint_serves_prometheus_text(tmp_path: Path) -> None:
         assert "platform_registry_revision 1.0" in text
     finally:
         proc.stop()
+
+
+LIST = "/platform_network.v1.Registry/ListChallenges"
+
+
+def served(proc: MasterProcess, method: str) -> float:
+    """How many calls of ``method`` the master process answered OK (its metrics)."""
+    record = next(json.loads(line) for line in proc.log().splitlines() if "master serving" in line)
+    url = f"http://127.0.0.1:{record['metrics_port']}/metrics"
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    sample = f'platform_grpc_requests_total{{code="OK",method="{method}"}} '
+    line = next((line for line in text.splitlines() if line.startswith(sample)), sample + "0")
+    return float(line.removeprefix(sample))
+
+
+async def list_on_new_connections(address: str, connections: int) -> None:
+    """One ListChallenges on each of ``connections`` connections of their own."""
+    for _ in range(connections):
+        # A channel of its own subchannel pool opens its own connection.
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        async with grpc.aio.insecure_channel(address, options=options) as channel:
+            stub = registry_pb2_grpc.RegistryStub(channel)
+            await stub.ListChallenges(registry_pb2.ListChallengesRequest(), metadata=ADMIN)
+
+
+async def test_a_second_master_on_a_port_in_use_is_refused(tmp_path: Path) -> None:
+    first = MasterProcess(tmp_path / "m1", f"sqlite+aiosqlite:///{tmp_path / 'm1.db'}")
+    address = first.start()
+    second = MasterProcess(tmp_path / "m2", f"sqlite+aiosqlite:///{tmp_path / 'm2.db'}")
+    try:
+        with pytest.raises(RuntimeError, match="master exited with 1"):
+            second.start(address)
+        errors = [json.loads(line) for line in second.log().splitlines() if line.startswith("{")]
+        assert errors[-1]["level"] == "error"
+        assert f"--listen: cannot listen on {address}: the port is in use" in errors[-1]["msg"]
+        # The first master still answers every connection.
+        await list_on_new_connections(address, 8)
+        assert await asyncio.to_thread(served, first, LIST) == 8
+    finally:
+        second.stop()
+        first.stop()
+
+
+@pytest.mark.postgres
+async def test_masters_with_reuse_port_share_one_port(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    url = await fresh_database("postgresql", request, tmp_path)
+    first = MasterProcess(tmp_path / "m1", url, "--reuse-port")
+    second = MasterProcess(tmp_path / "m2", url, "--reuse-port")
+    try:
+        address = first.start()
+        assert second.start(address) == address
+        await list_on_new_connections(address, 24)
+        counts = [await asyncio.to_thread(served, proc, LIST) for proc in (first, second)]
+        # The kernel spreads connections by a hash: both get some (all 24 going to
+        # one of two has a chance of about 1 in 8 million).
+        assert sum(counts) == 24
+        assert min(counts) > 0, counts
+    finally:
+        second.stop()
+        first.stop()
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
