@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.setup-done
 PROTOS := $(wildcard proto/platform_network/v1/*.proto)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup dev test gen gen-check lint typecheck layers postgres-bin edge-bin pytest bench lock clean
+.PHONY: setup dev test gen gen-check lint typecheck layers postgres-bin bench-bin pytest bench lock clean
 
 setup: $(STAMP)
 
@@ -86,11 +86,12 @@ postgres-bin:
 		echo "installing PostgreSQL server binaries (Debian package 'postgresql')"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
 
-# The edge benchmark drives Envoy with wrk and uses nginx as a fast upstream; both from Debian.
-edge-bin:
-	@{ command -v wrk && { command -v nginx || test -x /usr/sbin/nginx; }; } >/dev/null 2>&1 || { \
-		echo "installing wrk and nginx (Debian packages 'wrk' and 'nginx')"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk nginx >/dev/null; }
+# The benchmarks' load generators and fast upstream, all from Debian: wrk and nginx
+# (bench.edge), h2load (bench.latest_weights, package 'nghttp2-client').
+bench-bin:
+	@{ command -v wrk && command -v h2load && { command -v nginx || test -x /usr/sbin/nginx; }; } >/dev/null 2>&1 || { \
+		echo "installing wrk, h2load and nginx (Debian packages 'wrk', 'nghttp2-client' and 'nginx')"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk nghttp2-client nginx >/dev/null; }
 
 # A whole subnet on embedded defaults: simulated chain, master on SQLite with the local
 # runtime and a real Envoy edge, the example challenges, validator agents.
@@ -102,7 +103,7 @@ dev: $(STAMP)
 BENCHMARKS := registry_fanout "registry_fanout --postgres" admin_writes weights_allocate \
 	"epoch --direct" epoch shim_calls latest_weights edge edge_propagation subnet
 
-bench: $(STAMP) postgres-bin edge-bin
+bench: $(STAMP) postgres-bin bench-bin
 	@failed=""; for b in $(BENCHMARKS); do \
 		echo "== python -m bench.$$b"; \
 		$(PY) -m bench.$$b || failed="$$failed\n  bench.$$b (exit $$?)"; \

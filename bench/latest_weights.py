@@ -1,24 +1,37 @@
-"""GetLatestWeights throughput: a real master process, a client in another process.
+"""GetLatestWeights throughput: real master processes, a client in another process.
 
 The master (``platform master`` on SQLite, the local simulated subnet, 256 neurons)
 seals one epoch at start-up; then a client process keeps ``--concurrency`` calls in
 flight on one channel for ``--seconds`` seconds (after a 1 s warm-up) and counts the
-answers. The target is >= 3,000 answers per second; every answer is checked to be the
-sealed vector.
+answers. Every answer is checked to be the sealed vector.
 
-Besides the rate, it prints the CPU time the master (all its threads) and the client
-process used per answer over the counted window: robust where the rate is not (on two
-shared CPUs the two processes compete, and hypervisor steal slows both), and the
+Then ``--replicas`` master processes (2 by default) serve the same port, the way
+docs/operators.md describes for one host: one PostgreSQL database, ``--reuse-port``,
+the first sealing the epoch and the others serving it. The client is ``h2load``
+(nghttp2's C load generator: ``--replicas`` x 4 connections, 16 calls in flight on
+each), since one Python process cannot drive more than about 2,500 calls a second
+here. ``h2load`` cannot read gRPC answers, so they are checked otherwise: before the
+run, calls on new connections to the port must each get the sealed vector, and after
+it, the masters' own metrics must count no GetLatestWeights call that did not end OK,
+and at least as many OK ones as ``h2load`` counted. The target is >= 3,000 answers per
+second with the master processes on this machine.
+
+Besides the rate, it prints the CPU time the masters (all their threads) and the
+client used per answer over the counted window: robust where the rate is not (on two
+shared CPUs the processes compete, and hypervisor steal slows all of them), and the
 share of the machine other processes and the hypervisor took.
 
-Then, for reference, the same client against the floor of the stack: a bare
+Then, for reference, the Python client against the floor of the stack: a bare
 ``grpc.aio`` server in its own process (no interceptor, no authentication, one
 generic handler) answering the same method with the same bytes. The master's rate
 as a share of that one says how much of the per-call cost is the master's own.
 
+Needs ``h2load`` for the replicas (Debian: ``apt-get install -y nghttp2-client``;
+``--replicas 1`` skips them).
+
 Exit status: 0 when the target holds; 1 when it is missed; 2 on an error.
 
-    python -m bench.latest_weights [--seconds 10] [--concurrency 64]
+    python -m bench.latest_weights [--seconds 10] [--concurrency 64] [--replicas 2]
 """
 
 from __future__ import annotations
@@ -26,9 +39,14 @@ from __future__ import annotations
 import argparse
 import math
 import multiprocessing
+import re
+import resource
+import shutil
+import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +57,7 @@ from bench.common import (
     CpuMeter,
     Target,
     command_line,
+    database,
     fail,
     machine,
     master_pid,
@@ -49,10 +68,16 @@ from bench.common import (
     targets_status,
 )
 from platform_network.v1 import weights_pb2
-from tests.support.master import ADMIN, epoch_master_process
+from tests.support.master import ADMIN, ADMIN_TOKEN, MasterProcess, epoch_master_process
+from tests.support.ports import free_port
 
 MODULE = "bench.latest_weights"
 TARGET_RPS = 3000
+METHOD = "/platform_network.v1.Weights/GetLatestWeights"
+H2LOAD_INSTALL = "apt-get install -y nghttp2-client"
+H2LOAD_CONNECTIONS_PER_MASTER = 4
+H2LOAD_STREAMS = 16  # calls in flight on each h2load connection
+MASTER_HOTKEY = "//platform-bench/master"
 
 
 @dataclass(frozen=True)
@@ -74,7 +99,7 @@ def _sync_client(
     with grpc.insecure_channel(address) as channel:
         call: grpc.UnaryUnaryMultiCallable[weights_pb2.GetLatestWeightsRequest, bytes] = (
             channel.unary_unary(
-                "/platform_network.v1.Weights/GetLatestWeights",
+                METHOD,
                 request_serializer=weights_pb2.GetLatestWeightsRequest.SerializeToString,
             )
         )
@@ -186,7 +211,7 @@ def wait_sealed(address: str) -> bytes:
     with grpc.insecure_channel(address) as channel:
         call: grpc.UnaryUnaryMultiCallable[weights_pb2.GetLatestWeightsRequest, bytes] = (
             channel.unary_unary(
-                "/platform_network.v1.Weights/GetLatestWeights",
+                METHOD,
                 request_serializer=weights_pb2.GetLatestWeightsRequest.SerializeToString,
             )
         )
@@ -213,9 +238,171 @@ def measure_floor(payload: bytes, args: argparse.Namespace) -> Measured:
         server.join(10)
 
 
+# -- several masters sharing the port, driven by h2load ------------------------------------
+
+
+@dataclass(frozen=True)
+class SharedPort:
+    answers: int  # answers h2load counted within its window
+    masters_cpu: float  # % of one CPU used by all the masters over the run
+    client_cpu: float  # % of one CPU h2load used over the run
+    other: float
+    steal: float
+    ok_by_master: list[int]  # GetLatestWeights calls each master answered OK (its metrics)
+
+
+def grpc_frame(message: bytes) -> bytes:
+    """``message`` as one gRPC length-prefixed message (not compressed)."""
+    return b"\0" + len(message).to_bytes(4, "big") + message
+
+
+def answered(metrics_port: int) -> dict[str, int]:
+    """GetLatestWeights calls a master answered, by status code (its /metrics)."""
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    counts: dict[str, int] = {}
+    for line in text.splitlines():
+        if line.startswith("platform_grpc_requests_total{") and f'method="{METHOD}"' in line:
+            labels, value = line.rsplit(" ", 1)
+            code = labels.split('code="', 1)[1].split('"', 1)[0]
+            counts[code] = counts.get(code, 0) + int(float(value))
+    return counts
+
+
+def check_answers_on_new_connections(address: str, payload: bytes, connections: int) -> None:
+    """One call on each of ``connections`` new connections (spread over the masters by
+    the kernel) must get the sealed vector."""
+    for _ in range(connections):
+        options = [("grpc.use_local_subchannel_pool", 1)]  # a connection of its own
+        with grpc.insecure_channel(address, options=options) as channel:
+            call: grpc.UnaryUnaryMultiCallable[weights_pb2.GetLatestWeightsRequest, bytes] = (
+                channel.unary_unary(
+                    METHOD, request_serializer=weights_pb2.GetLatestWeightsRequest.SerializeToString
+                )
+            )
+            if call(weights_pb2.GetLatestWeightsRequest(), metadata=ADMIN) != payload:
+                raise RuntimeError("a master sharing the port did not answer the sealed vector")
+
+
+H2LOAD_COUNTS = re.compile(
+    r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
+    r"(\d+) errored, (\d+) timeout"
+)
+
+
+def drive_with_h2load(
+    h2load: str, address: str, args: argparse.Namespace, workdir: Path, roots: list[int]
+) -> tuple[int, float, float, CpuMeter]:
+    """h2load's counted answers; its CPU and that of processes outside ``roots`` (each
+    in % of one CPU); the meter of ``roots``."""
+    body = workdir / "request.bin"
+    body.write_bytes(grpc_frame(weights_pb2.GetLatestWeightsRequest().SerializeToString()))
+    command = [
+        h2load,
+        "--duration",
+        f"{args.seconds:g}",
+        "--warm-up-time",
+        "1",
+        "--clients",
+        str(H2LOAD_CONNECTIONS_PER_MASTER * args.replicas),
+        "--max-concurrent-streams",
+        str(H2LOAD_STREAMS),
+        "--data",
+        str(body),
+        "--header",
+        "content-type: application/grpc",
+        "--header",
+        "te: trailers",
+        "--header",
+        f"authorization: Bearer {ADMIN_TOKEN}",
+        f"http://{address}{METHOD}",
+    ]
+    meter = CpuMeter(roots)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.monotonic()
+    meter.start()
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=args.seconds + 60, check=False
+    )
+    _, other = meter.stop()
+    wall = time.monotonic() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    client = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    counts = H2LOAD_COUNTS.search(done.stdout)
+    if done.returncode != 0 or counts is None:
+        raise RuntimeError(f"h2load failed ({done.returncode}):\n{done.stdout}{done.stderr}")
+    _, _, _, succeeded, failed, errored, timed_out = (int(v) for v in counts.groups())
+    if failed or errored or timed_out:
+        raise RuntimeError(
+            f"h2load: {failed} failed, {errored} errored, {timed_out} timed out\n{done.stdout}"
+        )
+    client_cpu = client / wall * 100
+    return succeeded, client_cpu, max(0.0, other - client_cpu), meter
+
+
+def measure_shared_port(args: argparse.Namespace, workdir: Path, h2load: str) -> SharedPort:
+    with database("postgresql", workdir) as db:
+        ports = [free_port() for _ in range(args.replicas)]
+        first = epoch_master_process(
+            workdir,
+            "--log-level",
+            "warning",
+            "--reuse-port",
+            "--metrics-listen",
+            f"127.0.0.1:{ports[0]}",
+            neurons=256,
+            hotkey=MASTER_HOTKEY,
+            database_url=db.url,
+        )
+        masters = [first]
+        try:
+            address = first.start()
+            payload = wait_sealed(address)
+            for i, port in enumerate(ports[1:], start=1):
+                # The same settings, but sealing nothing: it serves what the first seals.
+                replica = MasterProcess(
+                    workdir / f"replica-{i}",
+                    db.url,
+                    *first.extra,
+                    "--metrics-listen",
+                    f"127.0.0.1:{port}",
+                    "--no-epochs",
+                    env=first.env,
+                )
+                masters.append(replica)
+                replica.start(address)
+            check_answers_on_new_connections(address, payload, 8 * args.replicas)
+            roots = [master_pid(m) for m in masters]
+            if db.server_pid is not None:
+                roots.append(db.server_pid)
+            before = [answered(port) for port in ports]
+            answers, client_cpu, other, meter = drive_with_h2load(
+                h2load, address, args, workdir, roots
+            )
+            counts = [
+                {code: n - earlier.get(code, 0) for code, n in answered(port).items()}
+                for port, earlier in zip(ports, before, strict=True)
+            ]
+        finally:
+            for master in masters:
+                master.stop()
+    not_ok = {code: n for c in counts for code, n in c.items() if code != "OK" and n}
+    ok = [c.get("OK", 0) for c in counts]
+    if not_ok:
+        raise RuntimeError(f"GetLatestWeights calls that did not end OK: {not_ok}")
+    if sum(ok) < answers:
+        raise RuntimeError(f"h2load counted {answers} answers, the masters {sum(ok)} OK ones")
+    masters_cpu = sum(meter.per_root[: len(masters)])
+    return SharedPort(answers, masters_cpu, client_cpu, other, meter.steal, ok)
+
+
 def run(args: argparse.Namespace, workdir: Path) -> int:
+    h2load = shutil.which("h2load") if args.replicas > 1 else ""
+    if h2load is None:
+        fail(f"h2load is missing; install it with: {H2LOAD_INSTALL} (or pass --replicas 1)")
+        return 2
     master = epoch_master_process(
-        workdir, "--log-level", "warning", neurons=256, hotkey="//platform-bench/master"
+        workdir / "single", "--log-level", "warning", neurons=256, hotkey=MASTER_HOTKEY
     )
     try:
         address = master.start()
@@ -223,46 +410,81 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         served = measure(address, master_pid(master), args)
     finally:
         master.stop()
+    shared = measure_shared_port(args, workdir / "shared", h2load) if h2load else None
     floor = measure_floor(payload, args) if args.floor else None
 
-    def row(name: str, measured: Measured) -> list[object]:
-        answers = max(measured.result.answers, 1)
+    def row(
+        name: str, answers: int, server_cpu: float, client_cpu_seconds: float, steal: float
+    ) -> list[object]:
+        per_answer = 1e6 / max(answers, 1)
         return [
             name,
-            f"{measured.result.answers / args.seconds:,.0f}",
-            measured.result.answers,
-            f"{measured.server_cpu:.0f}",
-            f"{measured.server_cpu / 100 * args.seconds / answers * 1e6:.0f}",
-            f"{measured.result.cpu_seconds / answers * 1e6:.0f}",
+            f"{answers / args.seconds:,.0f}",
+            answers,
+            f"{server_cpu:.0f}",
+            f"{server_cpu / 100 * args.seconds * per_answer:.0f}",
+            f"{client_cpu_seconds * per_answer:.0f}",
+            f"{steal:.0f}",
         ]
 
-    rps = served.result.answers / args.seconds
+    def python_row(name: str, measured: Measured) -> list[object]:
+        result = measured.result
+        return row(name, result.answers, measured.server_cpu, result.cpu_seconds, measured.steal)
+
     print(command_line(MODULE, sys.argv[1:]))
     print(machine())
-    print(f"{args.seconds:g} s counted after a 1 s warm-up, {args.concurrency} calls in flight")
-    rows = [row("master", served)]
+    print(
+        f"{args.seconds:g} s counted after a 1 s warm-up; Python client: {args.concurrency} "
+        f"calls in flight on one connection"
+        + (
+            f"; h2load: {H2LOAD_CONNECTIONS_PER_MASTER * args.replicas} connections x "
+            f"{H2LOAD_STREAMS} calls in flight"
+            if shared
+            else ""
+        )
+    )
+    rows = [python_row("1 master, Python client", served)]
+    if shared is not None:
+        name = f"{args.replicas} masters sharing the port, h2load"
+        client_seconds = shared.client_cpu / 100 * args.seconds
+        rows.append(row(name, shared.answers, shared.masters_cpu, client_seconds, shared.steal))
     if floor is not None:
-        rows.append(row("bare grpc.aio server, same bytes", floor))
+        rows.append(python_row("bare grpc.aio server, same bytes, Python client", floor))
     print(
         table(
             [
-                "server",
+                "server, client",
                 "answers/s",
                 "answers",
                 "server CPU %",
                 "server CPU us/answer",
                 "client CPU us/answer",
+                "steal %",
             ],
             rows,
         )
     )
+    if shared is not None:
+        split = " / ".join(f"{n:,}" for n in shared.ok_by_master)
+        print(
+            f"answered OK by each master during the run (their metrics, warm-up included): {split}"
+        )
     if floor is not None and floor.result.answers:
         print(
-            f"master: {served.result.answers / floor.result.answers:.0%} of the bare server's rate"
+            f"1 master: {served.result.answers / floor.result.answers:.0%} of the bare "
+            "server's rate with the same client"
         )
-    runs = [served] if floor is None else [served, floor]
-    print(other_load_warning(max(m.other for m in runs), max(m.steal for m in runs)))
-    targets: list[Target] = [(f">= {TARGET_RPS:,} answers/s", f"{rps:,.0f}", rps >= TARGET_RPS)]
+    others = [(m.other, m.steal) for m in ([served, floor] if floor else [served])]
+    if shared is not None:
+        others.append((shared.other, shared.steal))
+    print(other_load_warning(max(o for o, _ in others), max(s for _, s in others)))
+    if shared is not None:
+        label = f">= {TARGET_RPS:,} answers/s ({args.replicas} masters)"
+        rps = shared.answers / args.seconds
+    else:
+        label = f">= {TARGET_RPS:,} answers/s (1 master)"
+        rps = served.result.answers / args.seconds
+    targets: list[Target] = [(label, f"{rps:,.0f}", rps >= TARGET_RPS)]
     print_targets(targets)
     mismatches = served.result.mismatches + (floor.result.mismatches if floor else 0)
     if mismatches:
@@ -281,7 +503,13 @@ def main() -> int:
         action="store_false",
         help="skip the reference run against a bare grpc.aio server",
     )
-    parser.add_argument("--timeout", type=float, default=180)
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=2,
+        help="master processes sharing the port in the h2load run; 1 skips that run",
+    )
+    parser.add_argument("--timeout", type=float, default=300)
     args = parser.parse_args()
     return run_in_scratch("latest", args.timeout, lambda workdir: run(args, workdir))
 

@@ -131,9 +131,12 @@ class MasterProcess:
                 self.kill()
 
 
-def epoch_master_process(workdir: Path, *extra: str, neurons: int, hotkey: str) -> MasterProcess:
-    """``platform master`` on SQLite over a new local simulated subnet of ``neurons``
-    neurons, sealing one epoch at start-up (then one an hour), signing with ``hotkey``."""
+def epoch_master_process(
+    workdir: Path, *extra: str, neurons: int, hotkey: str, database_url: str = ""
+) -> MasterProcess:
+    """``platform master`` over a new local simulated subnet of ``neurons`` neurons,
+    sealing one epoch at start-up (then one an hour), signing with ``hotkey``; on
+    ``database_url``, or a new SQLite database in ``workdir``."""
     from platform_common.chain import LocalSubnet  # the SDK is slow to import
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -143,7 +146,7 @@ def epoch_master_process(workdir: Path, *extra: str, neurons: int, hotkey: str) 
     key.write_text(secrets.token_hex(32))
     return MasterProcess(
         workdir / "master",
-        f"sqlite+aiosqlite:///{workdir / 'registry.db'}",
+        database_url or f"sqlite+aiosqlite:///{workdir / 'registry.db'}",
         "--chain",
         f"local+file:{chain}",
         "--epoch-schedule",
