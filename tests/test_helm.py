@@ -19,6 +19,7 @@ import dataclasses
 import itertools
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -38,6 +39,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from master import cli as master_cli
 from master.config import MasterConfig
+from master.weights import endpoints
 from platform_common import config as cfg
 from tests.support.ports import free_port
 from tests.support.postgres import PostgresServer
@@ -63,12 +65,16 @@ SET_BY_CHART = {
     "image_allowlist",
     "database_url",
     "admin_token",
+    "token_key_file",
+    "hotkey_file",
+    "shim_endpoints_file",
 }
 # Settings the chart deliberately never sets, and why.
 NOT_FOR_KUBERNETES = {
     "admin_token_file": "the token comes from a Secret through PLATFORM_ADMIN_TOKEN",
     "ready_file": "readiness is the gRPC health probe",
     "reuse_port": "replicas are pods behind a Service; sharing a port is for masters on one host",
+    "hotkey": "the hotkey is a file from an existing Secret (hotkey_file), not an env variable",
     "edge_envoy": "in Kubernetes Envoy runs as its own Deployment, not as the master's child",
     "edge_envoy_dir": "only for the local Envoy of --edge-envoy",
     "edge_admin_listen": "only for the local Envoy of --edge-envoy",
@@ -76,11 +82,10 @@ NOT_FOR_KUBERNETES = {
     "runtime_images": "only for the local runtime",
     "runtime_keep_on_exit": "only for the local runtime",
 }
-# Epoch settings (chain, signing hotkey, challenge-token key, schedule, policy) and
-# edge settings are not exposed by the chart yet: it deploys the registry master.
-# Exposing them needs Secrets for the hotkey, the token key and the edge token, and an
-# Envoy Deployment; until then this test names them here so that any further setting
-# still fails it.
+# Edge settings are not exposed by the chart yet, nor is a runtime (there is no Kubernetes
+# runtime: challenges are placed by the `placement` value). Exposing the edge needs the
+# edge token's Secret and an Envoy Deployment; until then this test names them here so
+# that any further setting still fails it.
 NOT_IN_CHART_YET = frozenset(
     {
         "runtime",
@@ -95,23 +100,6 @@ NOT_IN_CHART_YET = frozenset(
         "edge_timeout",
         "edge_trusted_proxies",
         "edge_signature_max_age",
-        "token_key_file",
-        "chain",
-        "netuid",
-        "mechanism_id",
-        "hotkey_file",
-        "hotkey",
-        "burn_uid",
-        "share_policy",
-        "epochs",
-        "epoch_schedule",
-        "epoch_interval",
-        "epoch_lead_blocks",
-        "block_time",
-        "collect_timeout",
-        "vector_lifetime",
-        "epoch_retention",
-        "shim_endpoints_file",
     }
 )
 
@@ -127,6 +115,23 @@ EVERY_CONFIG_SETTING: dict[str, Any] = {
     "event_retention": 5_000_000,
     "max_concurrent_rpcs": 1000,
     "metadata_keys": ["docs", "homepage"],
+    "chain": "wss://entrypoint-finney.opentensor.ai:443",
+    "netuid": 7,
+    "mechanism_id": 1,
+    "burn_uid": 3,
+    "share_policy": "redistribute",
+    "epochs": True,
+    "epoch_schedule": "tempo",
+    "epoch_interval": 30,
+    "epoch_lead_blocks": 10,
+    "block_time": 12,
+    "collect_timeout": 8,
+    "vector_lifetime": 720,
+    "epoch_retention": 1000,
+}
+PLACEMENT = {
+    "alpha": {"shim": "alpha-shim.challenges.svc:7000", "public": "alpha.challenges.svc:8000"},
+    "beta": "beta-shim.challenges.svc:7000",
 }
 
 # Value sets rendered on top of the CI production values.
@@ -136,6 +141,7 @@ EXISTING_SECRETS: Obj = {
     "image": {"digest": ""},
     "adminToken": {"value": "", "existingSecret": "ops-admin"},
     "database": {"url": "", "existingSecret": "ops-db", "existingSecretKey": "url"},
+    "tokenKey": {"value": "", "existingSecret": "ops-token-key"},
     "metrics": {"enabled": False},
     "podDisruptionBudget": {"enabled": False},
     "serviceAccount": {"create": False},
@@ -145,6 +151,8 @@ EXISTING_SECRETS: Obj = {
 EVERYTHING_SET: Obj = {
     "replicaCount": 3,
     "config": EVERY_CONFIG_SETTING,
+    "hotkey": {"existingSecret": "master-hotkey", "existingSecretKey": "uri"},
+    "placement": PLACEMENT,
     "imagePullSecrets": [{"name": "registry-credentials"}],
     "extraEnv": [{"name": "TZ", "value": "UTC"}],
     "podAnnotations": {"example.com/team": "subnet"},
@@ -266,6 +274,13 @@ def config_file(objects: dict[str, Obj], directory: Path) -> Path:
     return path
 
 
+def placement_file(objects: dict[str, Obj], directory: Path) -> Path:
+    """The rendered placement.json, written where the test can read it."""
+    path = directory / "placement.json"
+    path.write_text(objects["ConfigMap"]["data"]["placement.json"])
+    return path
+
+
 def container_env(objects: dict[str, Obj]) -> dict[str, str]:
     """The container's environment as the kubelet builds it from the rendered Secret."""
     made = objects["Secret"]
@@ -282,6 +297,28 @@ def container_env(objects: dict[str, Obj]) -> dict[str, str]:
             ref = item["valueFrom"]["secretKeyRef"]
             env[item["name"]] = secrets[ref["name"]][ref["key"]]
     return env
+
+
+def secret_sources(objects: dict[str, Obj]) -> list[Obj]:
+    """The Secrets projected into the key-file volume."""
+    [volume] = [v for v in pod_spec(objects)["volumes"] if v["name"] == "secrets"]
+    return [source["secret"] for source in volume["projected"]["sources"]]
+
+
+def key_files(objects: dict[str, Obj], directory: Path) -> dict[str, Path]:
+    """The key files the kubelet would mount from the chart's Secret, written to
+    ``directory`` (mode 0600); by their path in the container."""
+    made = {k: base64.b64decode(v) for k, v in objects["Secret"]["data"].items()}
+    mount = next(m for m in container(objects)["volumeMounts"] if m["name"] == "secrets")
+    out = {}
+    for source in secret_sources(objects):
+        assert source["name"] == objects["Secret"]["metadata"]["name"]
+        for item in source["items"]:
+            path = directory / item["path"]
+            path.write_bytes(made[item["key"]])
+            path.chmod(0o600)
+            out[f"{mount['mountPath']}/{item['path']}"] = path
+    return out
 
 
 def master_args(args: list[str]) -> argparse.Namespace:
@@ -356,6 +393,9 @@ def test_existing_secrets_make_no_secret(helm: Helm) -> None:
         "PLATFORM_ADMIN_TOKEN": {"name": "ops-admin", "key": "admin-token"},
         "PLATFORM_DATABASE_URL": {"name": "ops-db", "key": "url"},
     }
+    [source] = secret_sources(objects)
+    assert source["name"] == "ops-token-key"
+    assert source["items"] == [{"key": "token-key", "path": "token-key"}]
     assert (
         "checksum/secret"
         not in objects["Deployment"]["spec"]["template"]["metadata"]["annotations"]
@@ -432,6 +472,10 @@ def test_command_line_and_probes(helm: Helm) -> None:
         "--metrics-listen",
         "0.0.0.0:9464",
         "--production",
+        "--token-key-file",
+        "/etc/platform-secrets/token-key",
+        "--shim-endpoints-file",
+        "/etc/platform/placement.json",
     ]
     ports = {p["name"]: p["containerPort"] for p in master["ports"]}
     assert ports == {"grpc": 50051, "metrics": 9464}
@@ -482,6 +526,9 @@ def test_changed_settings_roll_the_pods(helm: Helm) -> None:
     config, secret = checksums({})
     assert checksums({"config": {"log_level": "debug"}})[0] != config
     assert checksums({"adminToken": {"value": "another-admin-token-0123456789"}})[1] != secret
+    assert checksums({"tokenKey": {"value": "ab" * 32}})[1] != secret
+    # The placement is re-read by the running master: changing it rolls nothing.
+    assert checksums({"placement": PLACEMENT}) == (config, secret)
 
 
 # --- values.schema.json refusals ----------------------------------------------------------
@@ -518,6 +565,22 @@ def test_changed_settings_roll_the_pods(helm: Helm) -> None:
             "terminationGracePeriodSeconds",
             id="grace-period-too-short",
         ),
+        pytest.param({"tokenKey": {"value": ""}}, "tokenKey", id="no-token-key"),
+        pytest.param({"tokenKey": {"value": "ab" * 16}}, "tokenKey.value", id="short-token-key"),
+        pytest.param(
+            {"config": {"chain": "finney"}}, "hotkey.existingSecret", id="chain-without-hotkey"
+        ),
+        pytest.param(
+            {
+                "config": {"chain": "finney", "epoch_schedule": "interval"},
+                "hotkey": {"existingSecret": "hk"},
+            },
+            "config.epoch_schedule",
+            id="interval-schedule-with-replicas",
+        ),
+        pytest.param({"config": {"chain": "local+file:/x"}}, "config.chain", id="chain-file"),
+        pytest.param({"placement": {"alpha": "nowhere"}}, "placement", id="placement-no-port"),
+        pytest.param({"placement": {"Alpha": "a:1"}}, "placement", id="placement-bad-slug"),
     ],
 )
 def test_refused_values_name_the_field(helm: Helm, values: Obj, field: str) -> None:
@@ -526,10 +589,28 @@ def test_refused_values_name_the_field(helm: Helm, values: Obj, field: str) -> N
     assert field in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"replicaCount": 1, "config": {"epoch_schedule": "interval"}},
+        {"config": {"epoch_schedule": "interval", "epochs": False}},
+        {"config": {"epoch_schedule": "tempo"}},
+    ],
+    ids=["one-master", "not-sealing", "tempo"],
+)
+def test_epochs_with_a_chain_render(helm: Helm, values: Obj) -> None:
+    chain = {"config": {"chain": "finney", **values["config"]}}
+    objects = helm.render({**values, **chain, "hotkey": {"existingSecret": "hk"}})
+    settings = tomllib.loads(objects["ConfigMap"]["data"]["platform.toml"])["master"]
+    assert settings["chain"] == "finney"
+    assert settings["epoch_schedule"] == values["config"]["epoch_schedule"]
+
+
 def test_non_production_needs_no_allowlist_or_digest(helm: Helm) -> None:
     objects = helm.render({"production": False, "imageAllowlist": [], "image": {"digest": ""}})
     master = container(objects)
-    assert master["args"][-1] == "--no-production"
+    assert "--no-production" in master["args"]
+    assert "--production" not in master["args"]
     assert "@" not in master["image"]
 
 
@@ -583,7 +664,8 @@ def test_container_starts_a_valid_master_configuration(
     volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
     assert volume["configMap"]["name"] == objects["ConfigMap"]["metadata"]["name"]
     assert volume["configMap"]["items"] == [
-        {"key": "platform.toml", "path": Path(args.config).name}
+        {"key": "platform.toml", "path": Path(args.config).name},
+        {"key": "placement.json", "path": Path(args.shim_endpoints_file).name},
     ]
 
     args.config = str(config_file(objects, tmp_path))
@@ -599,6 +681,75 @@ def test_container_starts_a_valid_master_configuration(
     assert loaded.production is True
     assert loaded.listen == "0.0.0.0:50051"
     assert loaded.metrics_listen == "0.0.0.0:9464"
+
+
+def test_key_files_and_placement_are_mounted_where_the_master_reads_them(
+    helm: Helm, tmp_path: Path
+) -> None:
+    objects = helm.render(EVERYTHING_SET)
+    master = container(objects)
+    args = master_args(master["args"])
+    mounts = {m["name"]: m["mountPath"] for m in master["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod_spec(objects)["volumes"]}
+
+    # The token key from the chart's Secret, the hotkey from the operators' own.
+    assert volumes["secrets"]["projected"]["defaultMode"] == 0o440
+    assert secret_sources(objects) == [
+        {
+            "name": objects["Secret"]["metadata"]["name"],
+            "items": [{"key": "token-key", "path": "token-key"}],
+        },
+        {"name": "master-hotkey", "items": [{"key": "uri", "path": "hotkey"}]},
+    ]
+    assert args.token_key_file == f"{mounts['secrets']}/token-key"
+    assert args.hotkey_file == f"{mounts['secrets']}/hotkey"
+    token_key = base64.b64decode(objects["Secret"]["data"]["token-key"]).decode()
+    assert token_key == ci_values()["tokenKey"]["value"]
+
+    # The placement, in the config volume, as the master parses it.
+    assert args.shim_endpoints_file == f"{mounts['config']}/placement.json"
+    items = volumes["config"]["configMap"]["items"]
+    assert {"key": "placement.json", "path": "placement.json"} in items
+    placements = endpoints.parse(placement_file(objects, tmp_path).read_text())
+    assert placements == {
+        "alpha": endpoints.Placement(
+            shim="alpha-shim.challenges.svc:7000", public="alpha.challenges.svc:8000"
+        ),
+        "beta": endpoints.Placement(shim="beta-shim.challenges.svc:7000"),
+    }
+    # Without placements the file is an empty object: no challenge placed.
+    assert endpoints.parse(placement_file(helm.render(), tmp_path).read_text()) == {}
+
+
+def readme_sets() -> list[list[str]]:
+    """The ``--set`` arguments of each ``helm install`` / ``helm upgrade`` in the chart's
+    README, in order (placeholders replaced by valid values)."""
+    text = (CHART / "README.md").read_text().replace("\\\n", " ")
+    text = text.replace("<digest of that tag>", "0" * 64)
+    commands = []
+    for line in text.splitlines():
+        if line.startswith(("helm install ", "helm upgrade ")):
+            words = shlex.split(line, comments=True)
+            commands.append([w for i, w in enumerate(words) if i and words[i - 1] == "--set"])
+    return commands
+
+
+def test_readme_commands_render(helm: Helm) -> None:
+    """The README's install renders on its own (every required value is in it), and its
+    upgrade on top of it turns epochs on."""
+    install, upgrade = readme_sets()
+    rendered = []
+    for sets in (install, install + upgrade):
+        args = [arg for value in sets for arg in ("--set", value)]
+        result = helm.run(
+            "template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--kube-version",
+            KUBERNETES_VERSION, *args,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        rendered.append(result.stdout)
+    assert "--hotkey-file" not in rendered[0]
+    assert "--hotkey-file" in rendered[1]
+    assert 'chain = "finney"' in rendered[1]
 
 
 # --- the rendered command, run --------------------------------------------------------------
@@ -618,11 +769,15 @@ def rendered_master(
     objects = helm.render(values)
     master = container(objects)
     assert master["command"] == ["platform"]
-    config = str(config_file(objects, tmp_path))
-    # Same arguments, but the file is where the test wrote it and the master listens on
-    # loopback only.
+    # Same arguments, but the mounted files are where the test wrote them and the
+    # master listens on loopback only.
+    files = {
+        "/etc/platform/platform.toml": config_file(objects, tmp_path),
+        "/etc/platform/placement.json": placement_file(objects, tmp_path),
+        **key_files(objects, tmp_path),
+    }
     args = [
-        config if arg == "/etc/platform/platform.toml" else arg.replace("0.0.0.0:", "127.0.0.1:")
+        str(files[arg]) if arg in files else arg.replace("0.0.0.0:", "127.0.0.1:")
         for arg in master["args"]
     ]
     env = {

@@ -52,7 +52,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{/* True when this chart makes the Secret (some secret value is given inline). */}}
 {{- define "platform-master.createSecret" -}}
-{{- if or (and .Values.adminToken.value (not .Values.adminToken.existingSecret)) (and .Values.database.url (not .Values.database.existingSecret)) }}true{{ end }}
+{{- if or (and .Values.adminToken.value (not .Values.adminToken.existingSecret)) (and .Values.database.url (not .Values.database.existingSecret)) (and .Values.tokenKey.value (not .Values.tokenKey.existingSecret)) }}true{{ end }}
 {{- end }}
 
 {{- define "platform-master.adminTokenSecretName" -}}
@@ -69,6 +69,14 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{- define "platform-master.databaseSecretKey" -}}
 {{- if .Values.database.existingSecret }}{{ .Values.database.existingSecretKey }}{{ else }}database-url{{ end }}
+{{- end }}
+
+{{- define "platform-master.tokenKeySecretName" -}}
+{{- .Values.tokenKey.existingSecret | default (include "platform-master.fullname" .) }}
+{{- end }}
+
+{{- define "platform-master.tokenKeySecretKey" -}}
+{{- if .Values.tokenKey.existingSecret }}{{ .Values.tokenKey.existingSecretKey }}{{ else }}token-key{{ end }}
 {{- end }}
 
 {{/*
@@ -91,5 +99,12 @@ image_allowlist = {{ .Values.imageAllowlist | toJson }}
 {{- $preStop := .Values.lifecycle.preStopSleepSeconds | float64 }}
 {{- if le (.Values.terminationGracePeriodSeconds | float64) (addf $grace $preStop) }}
 {{- fail (printf "terminationGracePeriodSeconds (%v) must exceed config.shutdown_grace (%v) plus lifecycle.preStopSleepSeconds (%v), or the kubelet kills the master before in-flight calls finish" .Values.terminationGracePeriodSeconds $grace $preStop) }}
+{{- end }}
+{{- if and .Values.config.chain (not .Values.hotkey.existingSecret) }}
+{{- fail "hotkey.existingSecret: config.chain is set, so the master signs weight vectors; name the Secret holding its hotkey" }}
+{{- end }}
+{{- $sealing := or (not (hasKey .Values.config "epochs")) .Values.config.epochs }}
+{{- if and .Values.config.chain $sealing (eq (.Values.config.epoch_schedule | default "tempo") "interval") (gt (int .Values.replicaCount) 1) }}
+{{- fail (printf "config.epoch_schedule: the interval schedule is for a single master (replicaCount is %v, and each replica would seal on its own clock); use tempo" .Values.replicaCount) }}
 {{- end }}
 {{- end }}
