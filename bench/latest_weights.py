@@ -27,7 +27,7 @@ generic handler) answering the same method with the same bytes. The master's rat
 as a share of that one says how much of the per-call cost is the master's own.
 
 Needs ``h2load`` for the replicas (Debian: ``apt-get install -y nghttp2-client``;
-``--replicas 1`` skips them).
+``--replicas 0`` skips that run; ``--replicas 1`` drives one master with it).
 
 Exit status: 0 when the target holds; 1 when it is missed; 2 on an error.
 
@@ -46,7 +46,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +67,7 @@ from bench.common import (
     targets_status,
 )
 from platform_network.v1 import weights_pb2
+from tests.support import metrics
 from tests.support.master import ADMIN, ADMIN_TOKEN, MasterProcess, epoch_master_process
 from tests.support.ports import free_port
 
@@ -258,14 +258,10 @@ def grpc_frame(message: bytes) -> bytes:
 
 def answered(metrics_port: int) -> dict[str, int]:
     """GetLatestWeights calls a master answered, by status code (its /metrics)."""
-    url = f"http://127.0.0.1:{metrics_port}/metrics"
-    text = urllib.request.urlopen(url, timeout=5).read().decode()
     counts: dict[str, int] = {}
-    for line in text.splitlines():
-        if line.startswith("platform_grpc_requests_total{") and f'method="{METHOD}"' in line:
-            labels, value = line.rsplit(" ", 1)
-            code = labels.split('code="', 1)[1].split('"', 1)[0]
-            counts[code] = counts.get(code, 0) + int(float(value))
+    for labels, value in metrics.samples(metrics_port, "platform_grpc_requests_total"):
+        if labels["method"] == METHOD:
+            counts[labels["code"]] = counts.get(labels["code"], 0) + int(value)
     return counts
 
 
@@ -397,9 +393,9 @@ def measure_shared_port(args: argparse.Namespace, workdir: Path, h2load: str) ->
 
 
 def run(args: argparse.Namespace, workdir: Path) -> int:
-    h2load = shutil.which("h2load") if args.replicas > 1 else ""
+    h2load = shutil.which("h2load") if args.replicas > 0 else ""
     if h2load is None:
-        fail(f"h2load is missing; install it with: {H2LOAD_INSTALL} (or pass --replicas 1)")
+        fail(f"h2load is missing; install it with: {H2LOAD_INSTALL} (or pass --replicas 0)")
         return 2
     master = epoch_master_process(
         workdir / "single", "--log-level", "warning", neurons=256, hotkey=MASTER_HOTKEY
@@ -445,7 +441,11 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
     )
     rows = [python_row("1 master, Python client", served)]
     if shared is not None:
-        name = f"{args.replicas} masters sharing the port, h2load"
+        name = (
+            f"{args.replicas} masters sharing the port, h2load"
+            if args.replicas > 1
+            else "1 master, h2load"
+        )
         client_seconds = shared.client_cpu / 100 * args.seconds
         rows.append(row(name, shared.answers, shared.masters_cpu, client_seconds, shared.steal))
     if floor is not None:
@@ -479,7 +479,8 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         others.append((shared.other, shared.steal))
     print(other_load_warning(max(o for o, _ in others), max(s for _, s in others)))
     if shared is not None:
-        label = f">= {TARGET_RPS:,} answers/s ({args.replicas} masters)"
+        masters = "1 master" if args.replicas == 1 else f"{args.replicas} masters"
+        label = f">= {TARGET_RPS:,} answers/s ({masters})"
         rps = shared.answers / args.seconds
     else:
         label = f">= {TARGET_RPS:,} answers/s (1 master)"
@@ -507,7 +508,7 @@ def main() -> int:
         "--replicas",
         type=int,
         default=2,
-        help="master processes sharing the port in the h2load run; 1 skips that run",
+        help="master processes sharing the port in the h2load run; 0 skips that run",
     )
     parser.add_argument("--timeout", type=float, default=300)
     args = parser.parse_args()

@@ -17,6 +17,7 @@ from platform_network.v1 import registry_pb2, registry_pb2_grpc
 from tests.conftest import fresh_database
 from tests.helpers import ACTIVE, create, set_status
 from tests.registry.test_watch import take, watch
+from tests.support import metrics
 from tests.support.master import ADMIN, ADMIN_TOKEN, VENV_BIN, MasterProcess
 
 pytestmark = pytest.mark.process
@@ -132,11 +133,9 @@ LIST = "/platform_network.v1.Registry/ListChallenges"
 def served(proc: MasterProcess, method: str) -> float:
     """How many calls of ``method`` the master process answered OK (its metrics)."""
     record = next(json.loads(line) for line in proc.log().splitlines() if "master serving" in line)
-    url = f"http://127.0.0.1:{record['metrics_port']}/metrics"
-    text = urllib.request.urlopen(url, timeout=5).read().decode()
-    sample = f'platform_grpc_requests_total{{code="OK",method="{method}"}} '
-    line = next((line for line in text.splitlines() if line.startswith(sample)), sample + "0")
-    return float(line.removeprefix(sample))
+    return metrics.value(
+        record["metrics_port"], "platform_grpc_requests_total", code="OK", method=method
+    )
 
 
 async def list_on_new_connections(address: str, connections: int) -> None:

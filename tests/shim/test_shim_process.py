@@ -7,7 +7,6 @@ on the same port, by one started with the fault a test needs (``--fault``).
 from __future__ import annotations
 
 import asyncio
-import urllib.request
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from tests.shim.support import (
     wait_reachable,
     weights_request,
 )
+from tests.support import metrics
 
 pytestmark = pytest.mark.process
 
@@ -302,13 +302,8 @@ async def test_refusals_are_counted_by_rule(stack: Stack) -> None:
     await stack.use("negative")
 
     def scrape() -> float:
-        url = f"http://127.0.0.1:{stack.shim.ready['metrics']}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            text = response.read().decode()
-        for line in text.splitlines():
-            if line.startswith('platform_shim_weights_refusals_total{rule="score"}'):
-                return float(line.split()[-1])
-        return 0.0
+        port = int(stack.shim.ready["metrics"])
+        return metrics.value(port, "platform_shim_weights_refusals_total", rule="score")
 
     before = await asyncio.to_thread(scrape)
     await get_weights_error(stack)
