@@ -56,7 +56,7 @@ class Placement:
 class ShimEndpointsFile:
     def __init__(self, path: Path) -> None:
         self._path = path
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: tuple[int, int, int] | None = None
         self._placements: dict[str, Placement] = {}
 
     async def addresses(self) -> Mapping[str, str]:
@@ -71,7 +71,9 @@ class ShimEndpointsFile:
         except OSError as exc:
             log.warning("shim endpoints file unreadable", extra={"error": str(exc)})
             return self._placements
-        stamp = (stat.st_mtime_ns, stat.st_size)
+        # The inode too: a ConfigMap update swaps in a new file, maybe of the same size
+        # within the same clock tick.
+        stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
         if stamp != self._stamp:
             try:
                 self._placements = parse(self._path.read_text(encoding="utf-8"))

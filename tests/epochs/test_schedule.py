@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 
 import grpc
@@ -181,3 +182,26 @@ async def test_shim_endpoints_file_is_reread_and_a_bad_one_keeps_the_last_good(
     assert await placement.addresses() == {"a": "127.0.0.1:1000", "b": "127.0.0.1:2000"}
     path.unlink()
     assert await placement.addresses() == {"a": "127.0.0.1:1000", "b": "127.0.0.1:2000"}
+
+
+async def test_shim_endpoints_file_follows_a_configmap_update(tmp_path: Path) -> None:
+    """The kubelet's layout of a ConfigMap volume: the file is a symlink through
+    ``..data``, and an update swaps ``..data`` to a new directory at once."""
+
+    def publish(version: int, content: dict[str, str]) -> None:
+        directory = tmp_path / f"..version-{version}"
+        directory.mkdir()
+        (directory / "placement.json").write_text(json.dumps(content))
+        (tmp_path / "..data-new").symlink_to(directory.name)
+        (tmp_path / "..data-new").replace(tmp_path / "..data")
+
+    publish(1, {"a": "127.0.0.1:1000"})
+    path = tmp_path / "placement.json"
+    path.symlink_to("..data/placement.json")
+    placement = ShimEndpointsFile(path)
+    assert await placement.addresses() == {"a": "127.0.0.1:1000"}
+    publish(2, {"a": "127.0.0.1:3000"})
+    # The same size and, as within one tick of a coarse file-system clock, the same time.
+    first = (tmp_path / "..version-1" / "placement.json").stat().st_mtime_ns
+    os.utime(tmp_path / "..version-2" / "placement.json", ns=(first, first))
+    assert await placement.addresses() == {"a": "127.0.0.1:3000"}
