@@ -39,6 +39,16 @@ added p50 at one connection <= 0.3 ms; the signed route's added p50 <= 3 ms. For
 the Python proxy the edge replaced (a database lookup and a new upstream client per
 request) managed about 26 requests/s and added about 40 ms at one connection.
 
+A reference Envoy runs beside the edge (``--no-reference`` skips it): the same binary and
+number of workers, on a static bootstrap that does the least an edge can do (one listener
+whose connection manager has the router filter only, one prefix route per challenge with
+``/challenges/{slug}/`` rewritten to ``/``, a static cluster per upstream) and none of the
+edge's rules (no path normalization, header removal, rate limit, body buffer, ext_authz,
+access log or local replies). Its rows are measured in the same interleaved runs and say
+what Envoy itself costs on the machine, so the part the platform's configuration adds can
+be read off: the edge's rate and added p50 next to the reference's. The platform never runs
+this configuration.
+
 The master runs in its own process, as in a deployment: in this process its event loop
 would share the interpreter with the signing client and inflate the ext_authz figure.
 Envoy runs with Envoy's default number of worker threads (one per CPU), as the master's
@@ -52,7 +62,7 @@ Exit status: 0 when every target holds; 1 when one is missed; 2 on an error, a f
 run or missing tools.
 
     python -m bench.edge [--seconds 3] [--repeat 3] [--connections 16] [--signed 300]
-                         [--envoy-concurrency N] [--postgres]
+                         [--envoy-concurrency N] [--postgres] [--no-reference]
 """
 
 from __future__ import annotations
@@ -74,9 +84,10 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -95,8 +106,9 @@ from bench.common import (
     table,
     targets_status,
 )
-from master.edge.model import cluster_name
+from master.edge.model import PUBLIC_PREFIX, cluster_name
 from master.edge.proxy import EnvoyProcess, render_bootstrap
+from master.edge.translate import HCM_FILTER, ROUTER_FILTER
 from master.registry.rules import RATE_LIMIT_MAX
 from platform_common.chain import LocalSubnet
 from platform_common.chain.local import dev_keypair
@@ -130,6 +142,11 @@ ROUTED_TIMEOUT_S = 20.0
 WARMUP_S = 1.0
 SIGNED_WARMUP = 20
 SIGN_CHUNK = 100
+HCM_TYPE = (
+    "type.googleapis.com/"
+    "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+)
+ROUTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 
 
 class RunFailed(Exception):
@@ -340,6 +357,9 @@ class Site:
     nginx_pid: int
     envoy_pid: int
     envoy_admin: str
+    # The reference Envoy (router filter only); 0 when it does not run.
+    reference_port: int = 0
+    reference_pid: int = 0
 
 
 def _routes(signed: tuple[str, ...] = ()) -> registry_pb2.PublicRoutes:
@@ -351,6 +371,63 @@ def _routes(signed: tuple[str, ...] = ()) -> registry_pb2.PublicRoutes:
         rate_limit_per_hotkey_per_minute=RATE_LIMIT_MAX,
         signed_path_prefixes=signed,
     )
+
+
+def _socket_address(host: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def reference_bootstrap(listen_port: int, upstreams: Mapping[str, str]) -> str:
+    """The reference Envoy's bootstrap (JSON text): ``upstreams`` maps a slug to the
+    ``host:port`` of its public API, and ``/challenges/{slug}/...`` goes there as ``/...``
+    through the router filter alone. Envoy's defaults otherwise, as the edge's clusters."""
+    routes: list[dict[str, Any]] = []
+    clusters: list[dict[str, Any]] = []
+    for slug, address in sorted(upstreams.items()):
+        host, _, port = address.rpartition(":")
+        name = f"reference_{slug}"
+        routes.append(
+            {
+                "match": {"prefix": f"{PUBLIC_PREFIX}{slug}/"},
+                "route": {"cluster": name, "prefix_rewrite": "/"},
+            }
+        )
+        clusters.append(
+            {
+                "name": name,
+                "type": "STATIC",
+                "connect_timeout": "1s",
+                "load_assignment": {
+                    "cluster_name": name,
+                    "endpoints": [
+                        {
+                            "lb_endpoints": [
+                                {"endpoint": {"address": _socket_address(host, int(port))}}
+                            ]
+                        }
+                    ],
+                },
+            }
+        )
+    manager = {
+        "@type": HCM_TYPE,
+        "stat_prefix": "reference",
+        "route_config": {
+            "name": "reference",
+            "virtual_hosts": [{"name": "reference", "domains": ["*"], "routes": routes}],
+        },
+        "http_filters": [{"name": ROUTER_FILTER, "typed_config": {"@type": ROUTER_TYPE}}],
+    }
+    listener = {
+        "name": "reference",
+        "address": _socket_address("127.0.0.1", listen_port),
+        "filter_chains": [{"filters": [{"name": HCM_FILTER, "typed_config": manager}]}],
+    }
+    bootstrap = {
+        "admin": {"address": _socket_address("127.0.0.1", 0)},
+        "static_resources": {"listeners": [listener], "clusters": clusters},
+    }
+    return json.dumps(bootstrap, indent=1)
 
 
 def _wait_routed(
@@ -370,10 +447,16 @@ def _wait_routed(
 
 @contextlib.contextmanager
 def site(
-    workdir: Path, nginx_binary: str, database_url: str, envoy_concurrency: int = 0
+    workdir: Path,
+    nginx_binary: str,
+    database_url: str,
+    envoy_concurrency: int = 0,
+    *,
+    reference: bool = True,
 ) -> Iterator[Site]:
     """Everything the measurements need, stopped (by PID) on the way out;
-    ``envoy_concurrency`` 0 is Envoy's default (one worker per CPU)."""
+    ``envoy_concurrency`` 0 is Envoy's default (one worker per CPU); ``reference``: the
+    reference Envoy too."""
     chain = workdir / "chain.json"
     LocalSubnet.create(chain, netuid=1, neurons=8, validators=2, manual_blocks=True)
     placement = workdir / "placement.json"
@@ -461,6 +544,23 @@ def site(
         _wait_routed(
             edge_port, _signed_target(), 200, lambda: signed_headers(miner, "GET", _signed_target())
         )
+        reference_port = reference_pid = 0
+        if reference:
+            reference_port = free_port()
+            bare = EnvoyProcess(
+                reference_bootstrap(
+                    reference_port, {SUM: sum_public, STATIC: f"127.0.0.1:{nginx_port}"}
+                ),
+                work_dir=workdir / "envoy-reference",
+                log_level="warning",
+                concurrency=envoy_concurrency or None,
+            )
+            stops.callback(_stop_envoy, loop, bare)
+            loop.run_until_complete(bare.start())
+            loop.run_until_complete(bare.wait_ready(timeout=30))
+            _wait_routed(reference_port, f"/challenges/{SUM}/task?id=7", 200, unsigned)
+            _wait_routed(reference_port, f"/challenges/{STATIC}/{STATIC_FILE}", 200, unsigned)
+            reference_pid = bare.pid
         assert nginx.proc is not None
         sum_process = challenge.processes[0].proc
         assert sum_process is not None
@@ -473,6 +573,8 @@ def site(
             nginx_pid=nginx.proc.pid,
             envoy_pid=envoy.pid,
             envoy_admin=envoy.admin_url,
+            reference_port=reference_port,
+            reference_pid=reference_pid,
         )
 
 
@@ -496,18 +598,20 @@ def _signed_target() -> str:
 @dataclass(frozen=True)
 class Upstream:
     name: str
-    direct: str
-    edge: str
     pid: int
+    # Side name ("direct", "edge", "reference") -> the URL wrk gets on that side.
+    urls: Mapping[str, str]
 
 
 @dataclass
 class Side:
-    """One side (direct or through Envoy) of one upstream, over the repetitions."""
+    """One side (direct, through the edge or through the reference Envoy) of one upstream,
+    over the repetitions."""
 
     rps: list[float] = field(default_factory=list)
     p50_ms: list[float] = field(default_factory=list)
-    # CPU time per request over the N-connection runs, in microseconds.
+    # CPU time per request over the N-connection runs, in microseconds; envoy_us is the
+    # side's own Envoy (0 direct).
     upstream_us: list[float] = field(default_factory=list)
     envoy_us: list[float] = field(default_factory=list)
     wrk_us: list[float] = field(default_factory=list)
@@ -519,26 +623,34 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _cpu_now(upstream_pid: int, proxy_pid: int) -> tuple[float, float, float]:
+    """CPU seconds so far of the upstream, the side's Envoy (0 for none) and wrk."""
+    proxy = cpu_seconds(proxy_pid) if proxy_pid else 0.0
+    return cpu_seconds(upstream_pid), proxy, _children_cpu()
+
+
 def measure_wrk(
-    wrk: str, upstreams: list[Upstream], args: argparse.Namespace, envoy_pid: int
+    wrk: str, upstreams: list[Upstream], args: argparse.Namespace, proxies: Mapping[str, int]
 ) -> dict[str, dict[str, Side]]:
-    """upstream name -> {"direct": Side, "edge": Side}."""
-    out = {u.name: {"direct": Side(), "edge": Side()} for u in upstreams}
+    """upstream name -> side name -> Side; the sides are "direct" and each of ``proxies``
+    (side name -> the PID of that side's Envoy), in the order given."""
+    sides = ["direct", *proxies]
+    out = {u.name: {side: Side() for side in sides} for u in upstreams}
     for upstream in upstreams:
-        # Unmeasured: opens Envoy's upstream connections and warms both paths.
-        for url in (upstream.direct, upstream.edge):
-            run_wrk(wrk, url, args.connections, WARMUP_S)
+        # Unmeasured: opens Envoy's upstream connections and warms every path.
+        for side in sides:
+            run_wrk(wrk, upstream.urls[side], args.connections, WARMUP_S)
     for rep in range(args.repeat):
-        # Direct first on even repetitions, Envoy first on odd ones: neither side always
-        # runs right after the other's load, and slow drift of the machine's load cancels.
-        order = ("direct", "edge") if rep % 2 == 0 else ("edge", "direct")
+        # In order on even repetitions, reversed on odd ones: no side always runs right
+        # after the same other side's load, and slow drift of the machine's load cancels.
+        order = sides if rep % 2 == 0 else sides[::-1]
         for upstream in upstreams:
             for connections in (args.connections, 1):
                 for side in order:
-                    url = upstream.direct if side == "direct" else upstream.edge
-                    before = (cpu_seconds(upstream.pid), cpu_seconds(envoy_pid), _children_cpu())
-                    result = run_wrk(wrk, url, connections, args.seconds)
-                    after = (cpu_seconds(upstream.pid), cpu_seconds(envoy_pid), _children_cpu())
+                    proxy = proxies.get(side, 0)
+                    before = _cpu_now(upstream.pid, proxy)
+                    result = run_wrk(wrk, upstream.urls[side], connections, args.seconds)
+                    after = _cpu_now(upstream.pid, proxy)
                     figures = out[upstream.name][side]
                     if connections == 1:
                         figures.p50_ms.append(result.p50_ms)
@@ -631,26 +743,33 @@ def run(args: argparse.Namespace, workdir: Path, wrk: str, nginx: str) -> int:
     # (each accepted signed request commits one nonce row).
     with (
         database(backend, workdir, durable=True) as db,
-        site(workdir, nginx, db.url, args.envoy_concurrency) as s,
+        site(workdir, nginx, db.url, args.envoy_concurrency, reference=not args.no_reference) as s,
     ):
-        edge = f"http://127.0.0.1:{s.edge_port}"
+        proxies = {"edge": (s.edge_port, s.envoy_pid)}
+        if s.reference_pid:
+            proxies["reference"] = (s.reference_port, s.reference_pid)
+
+        def urls(direct: str, slug: str, path: str) -> dict[str, str]:
+            return {"direct": direct} | {
+                side: f"http://127.0.0.1:{port}/challenges/{slug}{path}"
+                for side, (port, _) in proxies.items()
+            }
+
         upstreams = [
             Upstream(
                 "example challenge (GET /task?id=7)",
-                f"http://{s.sum_public}/task?id=7",
-                f"{edge}/challenges/{SUM}/task?id=7",
                 s.sum_pid,
+                urls(f"http://{s.sum_public}/task?id=7", SUM, "/task?id=7"),
             ),
             Upstream(
                 f"nginx static ({len(STATIC_BODY)} B file)",
-                f"http://127.0.0.1:{s.nginx_port}/{STATIC_FILE}",
-                f"{edge}/challenges/{STATIC}/{STATIC_FILE}",
                 s.nginx_pid,
+                urls(f"http://127.0.0.1:{s.nginx_port}/{STATIC_FILE}", STATIC, f"/{STATIC_FILE}"),
             ),
         ]
         meter = CpuMeter([os.getpid()])
         meter.start()
-        sides = measure_wrk(wrk, upstreams, args, s.envoy_pid)
+        sides = measure_wrk(wrk, upstreams, args, {side: pid for side, (_, pid) in proxies.items()})
         signed, public = measure_signed(s.edge_port, args.signed, args.repeat)
         _, other = meter.stop()
         counters = envoy_counters(s.envoy_admin)
@@ -722,6 +841,25 @@ def run(args: argparse.Namespace, workdir: Path, wrk: str, nginx: str) -> int:
             cpu_rows,
         )
     )
+    if "reference" in proxies:
+        print()
+        print(
+            "reference: an Envoy with the router filter only and none of the edge's rules "
+            "(same binary and workers, same runs):"
+        )
+        print(
+            table(
+                [
+                    "upstream",
+                    "rps reference",
+                    "ratio to direct",
+                    "added p50 ms",
+                    "Envoy CPU µs/request",
+                    "edge rps / reference rps",
+                ],
+                [_reference_row(upstream.name, sides[upstream.name]) for upstream in upstreams],
+            )
+        )
     for slug in (SUM, STATIC):
         connections = counters.get(f"cluster.{cluster_name(slug)}.upstream_cx_total", 0)
         requests = counters.get(f"cluster.{cluster_name(slug)}.upstream_rq_total", 0)
@@ -773,6 +911,19 @@ def run(args: argparse.Namespace, workdir: Path, wrk: str, nginx: str) -> int:
     return targets_status(checks)
 
 
+def _reference_row(name: str, sides: Mapping[str, Side]) -> list[object]:
+    direct, edge, reference = sides["direct"], sides["edge"], sides["reference"]
+    rps = _median(reference.rps)
+    return [
+        name,
+        f"{rps:,.0f}",
+        f"{rps / _median(direct.rps):.1%}",
+        f"{_median(reference.p50_ms) - _median(direct.p50_ms):+.3f}",
+        f"{_median(reference.envoy_us):.0f}",
+        f"{_median(edge.rps) / rps:.1%}",
+    ]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=3, help="seconds per wrk run")
@@ -792,6 +943,11 @@ def main() -> int:
         "--postgres",
         action="store_true",
         help="the master on a throwaway PostgreSQL server (durable commits) instead of SQLite",
+    )
+    parser.add_argument(
+        "--no-reference",
+        action="store_true",
+        help="skip the reference Envoy (router filter only, none of the edge's rules)",
     )
     parser.add_argument("--timeout", type=float, default=300, help="hard time limit, seconds")
     args = parser.parse_args()
