@@ -21,10 +21,14 @@ from types import FrameType
 
 import grpc
 
+from platform_common import grpc_setup
 from tests.support.master import MasterProcess
 from tests.support.postgres import PostgresServer
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# The environment of a challenge stand-in (bench.challenge_farm): gRPC's own defaults, as
+# in a challenge's process, not the switches the platform's processes start with.
+CHALLENGE_ENV = {grpc_setup.ENV: ""}
 
 
 class BenchTimeout(Exception):

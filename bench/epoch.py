@@ -34,6 +34,7 @@ import sys
 from pathlib import Path
 
 from bench.common import (
+    CHALLENGE_ENV,
     CpuMeter,
     command_line,
     cpu_seconds,
@@ -79,6 +80,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> int:
             str(DELAY),
         ],
         workdir,
+        env=CHALLENGE_ENV,
     )
     shims: list[Process] = []
     backend = "postgresql" if args.postgres else "sqlite"

@@ -23,7 +23,15 @@ from pathlib import Path
 
 import grpc
 
-from bench.common import CpuMeter, command_line, cpu_seconds, machine, other_load_warning, table
+from bench.common import (
+    CHALLENGE_ENV,
+    CpuMeter,
+    command_line,
+    cpu_seconds,
+    machine,
+    other_load_warning,
+    table,
+)
 from platform_network.v1 import challenge_pb2, challenge_pb2_grpc
 from tests.shim.support import AUTH, Process, shim
 
@@ -36,6 +44,7 @@ async def run(calls: int, workdir: Path) -> tuple[list[list[object]], str]:
         "farm",
         [sys.executable, "-m", "bench.challenge_farm", "--count", "1", "--delay", "0"],
         workdir,
+        env=CHALLENGE_ENV,
     )
     front: Process | None = None
     try:

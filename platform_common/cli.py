@@ -12,6 +12,8 @@ import sys
 from importlib.metadata import entry_points
 from typing import Any
 
+from platform_common import grpc_setup
+
 
 class Parser(argparse.ArgumentParser):
     """No prefix matching of long options, here and in every subcommand below (argparse
@@ -36,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before any subcommand is loaded: gRPC reads its switches when first imported.
+    grpc_setup.apply()
     parser = build_parser()
     args = parser.parse_args(argv)
     result: int = args.func(args)

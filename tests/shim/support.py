@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +32,20 @@ class Process:
     """A child process that reports its addresses in a JSON ready file; stopped by PID."""
 
     def __init__(
-        self, name: str, argv: list[str], workdir: Path, env: dict[str, str] | None = None
+        self,
+        name: str,
+        argv: list[str],
+        workdir: Path,
+        env: Mapping[str, str | None] | None = None,
     ) -> None:
+        """``env`` is added to this process's environment; a None value removes the variable."""
         self.name = name
         self.workdir = workdir
         self.ready_path = workdir / f"{name}.ready.json"
         self.log_path = workdir / f"{name}.log"
         self.argv = [*argv, "--ready-file", str(self.ready_path)]
-        self.env = {**os.environ, **(env or {})}
+        merged = {**os.environ, **(env or {})}
+        self.env = {key: value for key, value in merged.items() if value is not None}
         self.proc: subprocess.Popen[bytes] | None = None
         self.ready: dict[str, Any] = {}
 
@@ -126,9 +133,10 @@ def shim(
     transport: str = "grpc",
     slug: str = SLUG,
     token: str = TOKEN,
+    env: Mapping[str, str | None] | None = None,
 ) -> Process:
     """``platform shim`` for ``slug`` in front of ``challenge_address``; token from the
-    environment."""
+    environment (and ``env``, as :class:`Process` takes it)."""
     argv = [
         str(VENV_BIN / "platform"),
         "shim",
@@ -146,7 +154,7 @@ def shim(
         "2",
         *extra,
     ]
-    return Process(name, argv, workdir, {"PLATFORM_SHIM_CHALLENGE_TOKEN": token})
+    return Process(name, argv, workdir, {"PLATFORM_SHIM_CHALLENGE_TOKEN": token, **(env or {})})
 
 
 def port_of(address: str) -> int:

@@ -1,0 +1,41 @@
+"""gRPC core's start-up switches for the platform's own processes.
+
+gRPC core reads ``GRPC_EXPERIMENTS`` once, when ``grpc`` is first imported, so the
+``platform`` command sets it before any subcommand is loaded. The platform turns three of
+gRPC's EventEngine roll-out experiments off: TCP clients, listeners and the remaining
+endpoints then run on gRPC's poller, which does a call's socket work in the thread that
+polls the completion queue, instead of handing each read and write to EventEngine's own
+threads. Python gRPC processes (the master, the shim, the validator agent) are mostly
+small unary calls, where those hand-offs cost more than the work: with the switches, the
+same calls take less CPU and less time (docs/performance.md, "gRPC core's switches").
+
+An operator's own ``GRPC_EXPERIMENTS`` always wins, and an empty value keeps gRPC's
+defaults. Challenges built with the SDK run in their authors' processes and are left alone.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import MutableMapping
+
+ENV = "GRPC_EXPERIMENTS"
+EXPERIMENTS = "-event_engine_client,-event_engine_listener,-event_engine_for_all_other_endpoints"
+
+
+def apply(environ: MutableMapping[str, str] | None = None) -> bool:
+    """Set the platform's switches in ``environ`` unless it holds ``GRPC_EXPERIMENTS``
+    already; returns whether they are in force there.
+
+    Without ``environ``, this process's environment: then it must run before ``grpc`` is
+    imported, because gRPC has read its settings by then; nothing is set and the result is
+    False (unless the environment had the switches already). A mapping given as
+    ``environ`` (a child process's environment) is set whatever this process imported.
+    """
+    target = os.environ if environ is None else environ
+    if ENV in target:
+        return target[ENV] == EXPERIMENTS
+    if environ is None and "grpc" in sys.modules:
+        return False
+    target[ENV] = EXPERIMENTS
+    return True
