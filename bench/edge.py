@@ -12,8 +12,9 @@ Registry API and placed with the placement file:
 * ``static``: nginx from Debian serving a small static file (a fast upstream, so the
   figures show what Envoy itself adds); its ``/signed`` prefix is a signed route.
 
-Both challenges set the edge's rate limits to the registry's maximum, so no request is
-refused with 429 (the limiter still runs on every request); any non-2xx answer or socket
+Both challenges set the edge's rate limits to the registry's maximum, and the master its
+per-address limit on signed routes (``--edge-authz-rate-per-ip``), so no request is
+refused with 429 (the limiters still run on every request); any non-2xx answer or socket
 error fails the run.
 
 Measurements (``wrk -t1 --latency``): for each upstream, direct and through Envoy, with
@@ -478,6 +479,9 @@ def site(
         str(placement),
         "--edge-listen",
         f"127.0.0.1:{edge_port}",
+        # Like the challenges' limits: the limiter runs on every signed request, never refuses.
+        "--edge-authz-rate-per-ip",
+        str(RATE_LIMIT_MAX),
         "--log-level",
         "warning",
         env={"PLATFORM_HOTKEY": MASTER_HOTKEY, "PLATFORM_EDGE_TOKEN": edge_token},

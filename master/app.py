@@ -446,6 +446,7 @@ class Master:
                 edge_token=self._edge_token,
                 access_log=config.edge_access_log,
                 trusted_proxies=config.edge_trusted_proxies,
+                authz_rate_per_ip_per_minute=config.edge_authz_rate_per_ip,
             ),
             EdgeLimits(
                 rate_per_hotkey_per_minute=config.edge_rate_per_hotkey,

@@ -236,6 +236,12 @@ class MasterConfig:
         "requests per minute per client address on unsigned routes, for challenges that set none",
         metavar="N",
     )
+    edge_authz_rate_per_ip: int = setting(
+        6000,
+        "requests per minute per client address on each signed route, refused before the "
+        "master checks their signature (every challenge)",
+        metavar="N",
+    )
     edge_max_body_bytes: int = setting(
         1_048_576, "largest request body, for challenges that set none", metavar="BYTES"
     )
@@ -379,7 +385,12 @@ class MasterConfig:
         parse_host_port(self.edge_admin_listen, "--edge-admin-listen")
         if self.edge_authz_address:
             parse_host_port(self.edge_authz_address, "--edge-authz-address")
-        for name in ("edge_rate_per_hotkey", "edge_rate_per_ip", "edge_max_body_bytes"):
+        for name in (
+            "edge_rate_per_hotkey",
+            "edge_rate_per_ip",
+            "edge_authz_rate_per_ip",
+            "edge_max_body_bytes",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be at least 1")
         if not 1 <= self.edge_timeout <= 3600:

@@ -132,6 +132,7 @@ def test_the_operators_guide_sample_config_loads_and_checks(tmp_path: Path) -> N
     [
         (("--edge-envoy",), "--edge-envoy needs --edge-listen"),
         (("--edge-rate-per-ip", "0"), "--edge-rate-per-ip: must be at least 1"),
+        (("--edge-authz-rate-per-ip", "0"), "--edge-authz-rate-per-ip: must be at least 1"),
         (("--edge-timeout", "0"), "--edge-timeout: must be 1..3600 seconds"),
         (("--edge-trusted-proxies", "-1"), "--edge-trusted-proxies: must be 0..10"),
         (("--edge-trusted-proxies", "11"), "--edge-trusted-proxies: must be 0..10"),

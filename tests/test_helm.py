@@ -96,6 +96,7 @@ NOT_IN_CHART_YET = frozenset(
         "edge_token",
         "edge_rate_per_hotkey",
         "edge_rate_per_ip",
+        "edge_authz_rate_per_ip",
         "edge_max_body_bytes",
         "edge_timeout",
         "edge_trusted_proxies",

@@ -81,6 +81,9 @@ class EdgeSettings:
     # Bearer token Envoy presents to the master (xDS and ext_authz).
     edge_token: str = ""
     authz_timeout_ms: int = 1000
+    # Requests per minute per client address on each signed route, refused at the edge
+    # before Envoy asks the master: a flood of forged signatures costs the master nothing.
+    authz_rate_per_ip_per_minute: int = 6000
     # Upper bound on distinct client addresses / hotkeys tracked per route.
     max_rate_limit_keys: int = 20000
     connect_timeout_ms: int = 1000

@@ -11,8 +11,10 @@ and virtual-host ``typed_per_filter_config`` refer to):
    before anything can read or trust it, and the headers some servers take as the real path
    (``x-original-url`` and the like). The HCM also rejects header names with underscores,
    so ``x_platform_verified_hotkey`` cannot reach a framework that folds ``_`` into ``-``.
-2. ``rate_limit_ip`` (local rate limit, inert at listener level, enforced per route on public
-   routes) refuses floods before any body is buffered.
+2. ``rate_limit_ip`` (local rate limit, inert at listener level, enforced per route) refuses
+   floods before any body is buffered: on public routes at the challenge's per-address rate,
+   on signed routes at the deployment's ``authz_rate_per_ip_per_minute``, so that a flood of
+   forged or unsigned requests is refused before Envoy asks the master to check it.
 3. ``envoy.filters.http.buffer`` enforces the challenge's body limit on public routes (413
    past ``max_request_body_bytes``). Signed routes leave it off: ext_authz's
    ``with_request_body`` (``allow_partial_message: false``) buffers the body for the check
@@ -507,6 +509,11 @@ def _challenge_routes(challenge: EdgeChallenge, settings: EdgeSettings) -> list[
                 _authz_body(limits.max_request_body_bytes)
             )
             _set_filter_config(route, EXT_AUTHZ_FILTER, authz)
+            _set_filter_config(
+                route,
+                RATE_LIMIT_IP_FILTER,
+                _ip_rate_limit(settings.authz_rate_per_ip_per_minute, settings),
+            )
             hotkey_action = route_components_pb2.RateLimit.Action()
             hotkey_action.request_headers.header_name = VERIFIED_HOTKEY_HEADER
             hotkey_action.request_headers.descriptor_key = HOTKEY_DESCRIPTOR_KEY
@@ -527,21 +534,20 @@ def _challenge_routes(challenge: EdgeChallenge, settings: EdgeSettings) -> list[
 
     public = _forward(challenge, f"{slug}:public", _segment_match(root))
     _set_filter_config(public, BUFFER_FILTER, _buffer_per_route(limits.max_request_body_bytes))
-    ip_action = route_components_pb2.RateLimit.Action()
-    ip_action.remote_address.SetInParent()
     _set_filter_config(
-        public,
-        RATE_LIMIT_IP_FILTER,
-        _keyed_rate_limit(
-            RATE_LIMIT_IP_FILTER,
-            limits.rate_per_ip_per_minute,
-            ip_action,
-            IP_DESCRIPTOR_KEY,
-            settings.max_rate_limit_keys,
-        ),
+        public, RATE_LIMIT_IP_FILTER, _ip_rate_limit(limits.rate_per_ip_per_minute, settings)
     )
     routes.append(public)
     return routes
+
+
+def _ip_rate_limit(per_minute: int, settings: EdgeSettings) -> Any:
+    """``per_minute`` per client address (one bucket per address, LRU-bounded)."""
+    action = route_components_pb2.RateLimit.Action()
+    action.remote_address.SetInParent()
+    return _keyed_rate_limit(
+        RATE_LIMIT_IP_FILTER, per_minute, action, IP_DESCRIPTOR_KEY, settings.max_rate_limit_keys
+    )
 
 
 def _ordered_prefixes(prefixes: Iterable[str]) -> list[str]:

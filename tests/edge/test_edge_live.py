@@ -13,7 +13,7 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,8 @@ class Edge:
     upstream: UpstreamServer
     running: RunningMaster
     envoy: EnvoyProcess
+    # More master settings for the next start_master().
+    settings: dict[str, Any] = field(default_factory=dict)
 
     async def get(self, target: str, **kwargs: Any) -> RawResponse:
         return await asyncio.to_thread(raw_request, self.port, target, **kwargs)
@@ -74,6 +76,7 @@ class Edge:
             edge_listen=f"127.0.0.1:{self.port}",
             edge_token=EDGE_TOKEN,
             shim_endpoints_file=str(self.tmp / "placement.json"),
+            **self.settings,
         )
 
 
@@ -327,6 +330,32 @@ async def test_bad_signed_requests_are_refused_at_the_edge(
     assert answer.headers.get("x-platform-auth-error") == reason
     assert answer.json()["reason"] == reason
     assert _seen_by_upstream(edge, body) == []
+
+
+async def test_the_masters_per_address_limit_guards_its_signature_checks(edge: Edge) -> None:
+    """``--edge-authz-rate-per-ip`` reaches Envoy through xDS: past it, a client address
+    gets 429 on a signed route and the master's ext_authz is not asked."""
+    await edge.running.close()
+    edge.settings = {"edge_authz_rate_per_ip": 2}
+    await edge.start_master()
+    await _signed_edge(edge)
+    target = "/challenges/vault/submit"
+
+    def checked() -> float:
+        value = REGISTRY.get_sample_value(
+            "platform_authz_checks_total", {"decision": "missing_signature"}
+        )
+        return value or 0.0
+
+    before = checked()
+    for _ in range(2):
+        refused = await _post(edge, target, b"{}", {})
+        assert refused.status == 401, refused.body
+    assert checked() == before + 2
+    limited = await _post(edge, target, b"{}", {})
+    assert limited.status == 429, limited.body
+    assert limited.json() == {"error": "rate_limited"}
+    assert checked() == before + 2
 
 
 async def test_a_replayed_request_is_refused_with_409(edge: Edge) -> None:

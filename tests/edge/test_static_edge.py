@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -665,31 +666,39 @@ def test_upstream_never_received_an_internal_route(edge: Edge) -> None:
 # With an authorization service: identity headers and per-hotkey limits
 
 
-@pytest.fixture(scope="module")
-def authz_edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Edge, StubAuthz]]:
+@contextlib.contextmanager
+def _authz_edge(
+    workdir: Path, slug: str, limits: EdgeLimits, **settings: Any
+) -> Iterator[tuple[Edge, StubAuthz]]:
+    """An edge whose ext_authz is a :class:`StubAuthz`, with one challenge ``slug`` whose
+    ``/submit`` is signed; ``settings`` are more :class:`EdgeSettings` fields."""
     upstream = UpstreamServer().start()
     authz = StubAuthz()
     try:
         authz.start()
         state = EdgeState(
             settings=EdgeSettings(
-                listen_port=free_port(), authz_port=authz.port, edge_token=EDGE_TOKEN
+                listen_port=free_port(), authz_port=authz.port, edge_token=EDGE_TOKEN, **settings
             ),
             challenges=(
                 EdgeChallenge(
-                    "hk",
-                    "127.0.0.1",
-                    upstream.port,
-                    _limits(hotkey=HOTKEY_LIMIT),
-                    signed_path_prefixes=("/submit",),
+                    slug, "127.0.0.1", upstream.port, limits, signed_path_prefixes=("/submit",)
                 ),
             ),
         )
-        with _run_edge(state, tmp_path_factory.mktemp("authz-edge"), upstream) as edge:
+        with _run_edge(state, workdir, upstream) as edge:
             yield edge, authz
     finally:
         authz.stop()
         upstream.stop()
+
+
+@pytest.fixture(scope="module")
+def authz_edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Edge, StubAuthz]]:
+    with _authz_edge(
+        tmp_path_factory.mktemp("authz-edge"), "hk", _limits(hotkey=HOTKEY_LIMIT)
+    ) as pair:
+        yield pair
 
 
 def test_verified_hotkey_comes_from_authz_not_the_client(
@@ -756,3 +765,45 @@ def test_hotkey_rate_limit_is_per_verified_hotkey(authz_edge: tuple[Edge, StubAu
     assert submit("5Carol").status == 429
     # Unsigned routes of the challenge are not charged to any hotkey.
     assert edge.get("/challenges/hk/public").status == 200
+
+
+AUTHZ_IP_LIMIT = 3
+
+
+def test_signed_routes_refuse_a_flood_from_one_address_before_asking_authz(
+    tmp_path: Path,
+) -> None:
+    """Past ``authz_rate_per_ip_per_minute`` a client address gets 429 on a signed route
+    and the authorization service is not asked: forged or unsigned floods cost the master
+    nothing. Other addresses keep their own bucket; the challenge's public routes keep the
+    challenge's own per-address limit."""
+    with _authz_edge(
+        tmp_path, "guarded", _limits(), authz_rate_per_ip_per_minute=AUTHZ_IP_LIMIT
+    ) as (edge, authz):
+
+        def submit(source: str, hotkey: str | None) -> RawResponse:
+            headers = {StubAuthz.TRUSTED_HOTKEY_HEADER: hotkey} if hotkey else {}
+            return edge.get("/challenges/guarded/submit", headers=headers, source_ip=source)
+
+        # Signed (the stub accepts), each by another hotkey: only the address is shared.
+        for n in range(AUTHZ_IP_LIMIT):
+            assert submit("127.0.0.6", f"5Miner{n}").status == 200
+        checks, received = len(authz.checks()), len(edge.upstream.requests())
+        refused = submit("127.0.0.6", "5Another")
+        assert refused.status == 429
+        assert _json(refused) == {"error": "rate_limited"}
+        assert int(refused.headers["retry-after"]) == 60 // AUTHZ_IP_LIMIT
+        assert len(authz.checks()) == checks
+        assert len(edge.upstream.requests()) == received
+
+        # Unsigned requests (the stub refuses them) are charged to the same kind of bucket.
+        for _ in range(AUTHZ_IP_LIMIT):
+            assert submit("127.0.0.7", None).status == 403
+        checks = len(authz.checks())
+        assert submit("127.0.0.7", None).status == 429
+        assert len(authz.checks()) == checks
+
+        # Another address has its own bucket, and public routes are not charged to it.
+        assert submit("127.0.0.8", "5Miner0").status == 200
+        for _ in range(AUTHZ_IP_LIMIT + 1):
+            assert edge.get("/challenges/guarded/x", source_ip="127.0.0.6").status == 200
