@@ -389,6 +389,48 @@ def test_server_sent_events_stream_through_unbuffered(edge: Edge) -> None:
     assert events == [f"data: event-{i}" for i in range(UpstreamServer.SSE_EVENTS)]
 
 
+def test_a_stream_is_cut_when_the_challenges_timeout_ends(tmp_path: Path) -> None:
+    """The route timeout covers the whole answer, streamed or not (docs/miners.md): a
+    stream still open when it ends is cut, and what the upstream holds back never arrives."""
+    upstream = UpstreamServer().start()
+    try:
+        limits = EdgeLimits(
+            rate_per_hotkey_per_minute=GENEROUS,
+            rate_per_ip_per_minute=GENEROUS,
+            max_request_body_bytes=BODY_LIMIT,
+            request_timeout_seconds=1,
+        )
+        state = EdgeState(
+            settings=EdgeSettings(
+                listen_port=free_port(), authz_port=free_port(), edge_token=EDGE_TOKEN
+            ),
+            challenges=(EdgeChallenge("brief", "127.0.0.1", upstream.port, limits),),
+        )
+        with _run_edge(state, tmp_path, upstream) as edge:
+            upstream.reset_sse()
+            connection = http.client.HTTPConnection("127.0.0.1", edge.port, timeout=30)
+            try:
+                connection.request("GET", f"/challenges/brief{UpstreamServer.SSE_PATH}")
+                response = connection.getresponse()
+                assert response.status == 200
+                received = b""
+                # Never releasing the last event: the stream must end on Envoy's timeout,
+                # well before the upstream's own bound on holding it back.
+                with contextlib.suppress(http.client.IncompleteRead, ConnectionError):
+                    while chunk := response.read1(65536):
+                        received += chunk
+                cut_before_the_last_event = not upstream.sse_last_sent.is_set()
+            finally:
+                upstream.sse_release.set()
+                connection.close()
+        assert b"data: event-0\n\n" in received
+        assert cut_before_the_last_event
+        last = UpstreamServer.SSE_EVENTS - 1
+        assert f"data: event-{last}".encode() not in received
+    finally:
+        upstream.stop()
+
+
 # ---------------------------------------------------------------------------------------------
 # Bypass corpus: spellings of the refused routes that must never reach the challenge
 
