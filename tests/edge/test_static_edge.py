@@ -363,15 +363,28 @@ def test_signed_prefix_spellings_never_reach_the_upstream_unsigned(
     assert edge.upstream.requests()[before:] == []
 
 
-def test_server_sent_events_stream_through_unbuffered(edge: Edge) -> None:
-    upstream = edge.upstream
-    upstream.reset_sse()
+def _open_events(
+    edge: Edge, slug: str
+) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    """The upstream's event stream opened through the edge, its 200 answer's headers read;
+    the caller closes the connection (and releases the upstream's last event)."""
+    edge.upstream.reset_sse()
     connection = http.client.HTTPConnection("127.0.0.1", edge.port, timeout=30)
     try:
-        connection.request("GET", f"/challenges/open{UpstreamServer.SSE_PATH}")
+        connection.request("GET", f"/challenges/{slug}{UpstreamServer.SSE_PATH}")
         response = connection.getresponse()
         assert response.status == 200
         assert response.getheader("content-type") == "text/event-stream"
+    except BaseException:
+        connection.close()
+        raise
+    return connection, response
+
+
+def test_server_sent_events_stream_through_unbuffered(edge: Edge) -> None:
+    upstream = edge.upstream
+    connection, response = _open_events(edge, "open")
+    try:
         received = b""
         while b"data: event-0\n\n" not in received:
             chunk = response.read1(65536)
@@ -407,12 +420,8 @@ def test_a_stream_is_cut_when_the_challenges_timeout_ends(tmp_path: Path) -> Non
             challenges=(EdgeChallenge("brief", "127.0.0.1", upstream.port, limits),),
         )
         with _run_edge(state, tmp_path, upstream) as edge:
-            upstream.reset_sse()
-            connection = http.client.HTTPConnection("127.0.0.1", edge.port, timeout=30)
+            connection, response = _open_events(edge, "brief")
             try:
-                connection.request("GET", f"/challenges/brief{UpstreamServer.SSE_PATH}")
-                response = connection.getresponse()
-                assert response.status == 200
                 received = b""
                 # Never releasing the last event: the stream must end on Envoy's timeout,
                 # well before the upstream's own bound on holding it back.
