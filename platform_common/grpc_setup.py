@@ -17,25 +17,22 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import MutableMapping
 
 ENV = "GRPC_EXPERIMENTS"
 EXPERIMENTS = "-event_engine_client,-event_engine_listener,-event_engine_for_all_other_endpoints"
 
 
-def apply(environ: MutableMapping[str, str] | None = None) -> bool:
-    """Set the platform's switches in ``environ`` unless it holds ``GRPC_EXPERIMENTS``
-    already; returns whether they are in force there.
+def apply() -> bool:
+    """Set the platform's switches in this process's environment unless it holds
+    ``GRPC_EXPERIMENTS`` already; returns whether they are in force.
 
-    Without ``environ``, this process's environment: then it must run before ``grpc`` is
-    imported, because gRPC has read its settings by then; nothing is set and the result is
-    False (unless the environment had the switches already). A mapping given as
-    ``environ`` (a child process's environment) is set whatever this process imported.
+    Must run before ``grpc`` is imported, because gRPC has read its settings by then:
+    nothing is set and the result is False (unless the environment had the switches
+    already). Child processes inherit the environment, switches included.
     """
-    target = os.environ if environ is None else environ
-    if ENV in target:
-        return target[ENV] == EXPERIMENTS
-    if environ is None and "grpc" in sys.modules:
+    if ENV in os.environ:
+        return os.environ[ENV] == EXPERIMENTS
+    if "grpc" in sys.modules:
         return False
-    target[ENV] = EXPERIMENTS
+    os.environ[ENV] = EXPERIMENTS
     return True

@@ -4,6 +4,7 @@ own ``GRPC_EXPERIMENTS`` wins, and they cannot be applied once gRPC is loaded.""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -21,16 +22,30 @@ EVENT_ENGINE_ENDPOINT = "posix_endpoint.cc"
 
 
 def test_the_switches_are_set_where_nothing_is() -> None:
-    environ: dict[str, str] = {"PATH": "/bin"}
-    assert grpc_setup.apply(environ) is True
-    assert environ == {"PATH": "/bin", grpc_setup.ENV: grpc_setup.EXPERIMENTS}
+    """In a fresh interpreter (grpc not loaded yet) with no GRPC_EXPERIMENTS."""
+    environ = {k: v for k, v in os.environ.items() if k != grpc_setup.ENV}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import os; from platform_common import grpc_setup; "
+            f"print(grpc_setup.apply(), os.environ[{grpc_setup.ENV!r}])",
+        ],
+        env=environ,
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert done.stdout.split() == ["True", grpc_setup.EXPERIMENTS]
 
 
 @pytest.mark.parametrize("own", ["", "-event_engine_client"])
-def test_an_operators_own_value_wins(own: str) -> None:
-    environ = {grpc_setup.ENV: own}
-    assert grpc_setup.apply(environ) is False
-    assert environ == {grpc_setup.ENV: own}
+def test_an_operators_own_value_wins(monkeypatch: pytest.MonkeyPatch, own: str) -> None:
+    monkeypatch.setenv(grpc_setup.ENV, own)
+    assert grpc_setup.apply() is False
+    assert os.environ[grpc_setup.ENV] == own
 
 
 def test_the_process_environment_is_left_alone_once_grpc_is_loaded(
