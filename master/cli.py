@@ -50,6 +50,8 @@ def register_db(subparsers: Any) -> None:
 
 
 def register_edge(subparsers: Any) -> None:
+    from master.edge.model import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_HEAP_BYTES
+
     parser = subparsers.add_parser(
         "edge",
         help="the Envoy edge: render the bootstrap of an Envoy run on its own",
@@ -68,12 +70,28 @@ def register_edge(subparsers: Any) -> None:
         "--admin", default="127.0.0.1:9901", metavar="HOST:PORT", help="Envoy's admin address"
     )
     sub.add_argument("--edge-token-file", default="", metavar="PATH")
+    sub.add_argument(
+        "--max-connections",
+        type=int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        metavar="N",
+        help=f"client connections Envoy holds at most (default {DEFAULT_MAX_CONNECTIONS})",
+    )
+    sub.add_argument(
+        "--max-heap-bytes",
+        type=int,
+        default=DEFAULT_MAX_HEAP_BYTES,
+        metavar="BYTES",
+        help="Envoy's heap budget: near it Envoy frees memory, then answers new requests "
+        f"503; keep it below the memory Envoy may use (default {DEFAULT_MAX_HEAP_BYTES})",
+    )
     sub.set_defaults(func=run_edge_bootstrap)
 
 
 def run_edge_bootstrap(args: argparse.Namespace) -> int:
     import os
 
+    from master.edge.model import MIN_HEAP_BYTES
     from master.edge.proxy import render_bootstrap
     from platform_common.config import ConfigError, parse_host_port, secret_token
 
@@ -89,6 +107,10 @@ def run_edge_bootstrap(args: argparse.Namespace) -> int:
         )
         xds_host, xds_port = parse_host_port(args.xds, "--xds")
         admin_host, admin_port = parse_host_port(args.admin, "--admin")
+        if args.max_connections < 1:
+            raise ConfigError("--max-connections: must be at least 1")
+        if args.max_heap_bytes < MIN_HEAP_BYTES:
+            raise ConfigError(f"--max-heap-bytes: must be at least {MIN_HEAP_BYTES} (64 MiB)")
         print(
             render_bootstrap(
                 node_id=args.node_id,
@@ -97,6 +119,8 @@ def run_edge_bootstrap(args: argparse.Namespace) -> int:
                 xds_host=xds_host,
                 xds_port=xds_port,
                 edge_token=token,
+                max_connections=args.max_connections,
+                max_heap_bytes=args.max_heap_bytes,
             ),
             end="",
         )

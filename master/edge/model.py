@@ -69,6 +69,14 @@ class EdgeChallenge:
     signed_path_prefixes: tuple[str, ...] = ()
 
 
+# Envoy's process-wide limits, in its bootstrap (overload manager): Envoy's edge
+# recommendations, with a heap budget that fits a small host. The heap floor keeps a typo
+# from starving Envoy at start.
+DEFAULT_MAX_CONNECTIONS = 50_000
+DEFAULT_MAX_HEAP_BYTES = 1024 * 1024 * 1024
+MIN_HEAP_BYTES = 64 * 1024 * 1024
+
+
 @dataclass(frozen=True)
 class EdgeSettings:
     """Deployment-wide settings of the edge (from the master's configuration)."""
@@ -93,6 +101,12 @@ class EdgeSettings:
     # Proxies in front of Envoy that append the client's address to X-Forwarded-For (a cloud
     # load balancer: 1). 0 takes the TCP peer, and ignores the header, as a direct edge must.
     trusted_proxies: int = 0
+    # Connection hygiene of a public listener (Envoy's own edge recommendations). A client
+    # must finish its request headers this long after it starts them (slow-header clients
+    # get 408 and the connection is closed); a connection with no request in flight is
+    # closed after idle_timeout_ms.
+    request_headers_timeout_ms: int = 10_000
+    idle_timeout_ms: int = 300_000
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,8 @@ from string import Template
 
 import aiohttp
 
+from master.edge.model import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_HEAP_BYTES, MIN_HEAP_BYTES
+
 log = logging.getLogger(__name__)
 
 DEFAULT_TEMPLATE = Path(__file__).with_name("bootstrap.yaml")
@@ -80,13 +82,17 @@ def render_bootstrap(
     xds_port: int,
     edge_token: str,
     node_cluster: str = "platform-edge",
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    max_heap_bytes: int = DEFAULT_MAX_HEAP_BYTES,
     template: Path | None = None,
 ) -> str:
     """The Envoy bootstrap (YAML) for one edge Envoy.
 
     ``admin_port`` may be 0: Envoy then picks a port, and :class:`EnvoyProcess`
-    reads it back. ``template`` defaults to the one shipped with the package
-    (``envoy/bootstrap.yaml`` of the source tree).
+    reads it back. ``max_connections`` caps the open client connections and
+    ``max_heap_bytes`` is the heap budget of Envoy's overload manager (set it
+    below the memory the process may use). ``template`` defaults to the one
+    shipped with the package (``envoy/bootstrap.yaml`` of the source tree).
     """
     for name, value in (
         ("node_id", node_id),
@@ -101,6 +107,13 @@ def render_bootstrap(
         raise ValueError("edge_token must fit in an HTTP header (no CR, LF or NUL)")
     if xds_port == 0:
         raise ValueError("xds_port must be the port the master's gRPC server listens on")
+    limits: tuple[tuple[str, object, int], ...] = (
+        ("max_connections", max_connections, 1),
+        ("max_heap_bytes", max_heap_bytes, MIN_HEAP_BYTES),
+    )
+    for name, limit, least in limits:
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < least:
+            raise ValueError(f"{name} must be an integer of at least {least}, not {limit!r}")
     path = template if template is not None else DEFAULT_TEMPLATE
     if not path.is_file():
         raise FileNotFoundError(
@@ -115,6 +128,8 @@ def render_bootstrap(
         xds_host=_quoted(xds_host),
         xds_port=_port("xds_port", xds_port),
         edge_token=_quoted(edge_token),
+        max_connections=str(max_connections),
+        max_heap_bytes=str(max_heap_bytes),
     )
 
 

@@ -45,6 +45,16 @@ continuations that servers strip or decode into the same route) get 403; its sig
 is public; anything else is a JSON 404. Upstreams see the path with ``/challenges/{slug}``
 cut off (``/`` for the challenge root).
 
+Connections (Envoy's edge recommendations, since Envoy's defaults suit a trusted network):
+request headers must arrive within ``request_headers_timeout_ms`` (408 otherwise, against
+slow-header clients that hold connections open), idle connections close after
+``idle_timeout_ms``, HTTP/2 clients get at most ``HTTP2_MAX_CONCURRENT_STREAMS`` streams per
+connection and 64 KiB / 1 MiB flow-control windows, and every downstream and upstream
+connection buffers at most ``CONNECTION_BUFFER_BYTES`` before flow control pushes back
+(bodies the buffer filter or ext_authz must hold whole are bounded by their own limits).
+The connection cap and the heap limit are process-wide: they are in the bootstrap
+(``envoy/bootstrap.yaml``, Envoy's overload manager).
+
 Upstreams: a challenge whose public endpoint is an IP literal gets an EDS cluster and a
 ``ClusterLoadAssignment`` (endpoint moves are cheap EDS updates); a hostname gets a STRICT_DNS
 cluster with the endpoint inline and no EDS resource, because Envoy resolves no names in EDS.
@@ -123,6 +133,12 @@ HOTKEY_DESCRIPTOR_KEY = "hotkey"
 # ext_authz; routes set their own limit), and constant so the listener, whose updates drain
 # connections, depends on the deployment settings only.
 LISTENER_BODY_LIMIT = 64 * 1024 * 1024
+
+# Per-connection limits of a public listener (Envoy's "edge proxy" best practices).
+HTTP2_MAX_CONCURRENT_STREAMS = 100
+HTTP2_STREAM_WINDOW_BYTES = 64 * 1024
+HTTP2_CONNECTION_WINDOW_BYTES = 1024 * 1024
+CONNECTION_BUFFER_BYTES = 32 * 1024
 
 # Envoy refuses token bucket refills more frequent than this.
 MIN_FILL_INTERVAL_MS = 50
@@ -257,7 +273,9 @@ def _challenge_cluster(challenge: EdgeChallenge, settings: EdgeSettings) -> Any:
     """
     name = cluster_name(challenge.slug)
     cluster = cluster_pb2.Cluster(
-        name=name, connect_timeout=_duration_ms(settings.connect_timeout_ms)
+        name=name,
+        connect_timeout=_duration_ms(settings.connect_timeout_ms),
+        per_connection_buffer_limit_bytes=_u32(CONNECTION_BUFFER_BYTES),
     )
     if _is_ip(challenge.upstream_host) or not _placed(challenge):
         cluster.type = cluster_pb2.Cluster.EDS
@@ -330,7 +348,9 @@ def _ads_config_source() -> Any:
 
 
 def _listener(settings: EdgeSettings) -> Any:
-    listener = listener_pb2.Listener(name=LISTENER_NAME)
+    listener = listener_pb2.Listener(
+        name=LISTENER_NAME, per_connection_buffer_limit_bytes=_u32(CONNECTION_BUFFER_BYTES)
+    )
     listener.address.CopyFrom(_socket_address(settings.listen_host, settings.listen_port))
     chain = listener_components_pb2.FilterChain()
     network_filter = chain.filters.add(name=HCM_FILTER)
@@ -353,9 +373,14 @@ def _connection_manager(settings: EdgeSettings) -> Any:
     )
     hcm.rds.route_config_name = ROUTE_CONFIG_NAME
     hcm.rds.config_source.CopyFrom(_ads_config_source())
-    hcm.common_http_protocol_options.headers_with_underscores_action = (
-        protocol_pb2.HttpProtocolOptions.REJECT_REQUEST
-    )
+    hcm.request_headers_timeout.CopyFrom(_duration_ms(settings.request_headers_timeout_ms))
+    common = hcm.common_http_protocol_options
+    common.headers_with_underscores_action = protocol_pb2.HttpProtocolOptions.REJECT_REQUEST
+    common.idle_timeout.CopyFrom(_duration_ms(settings.idle_timeout_ms))
+    http2 = hcm.http2_protocol_options
+    http2.max_concurrent_streams.value = HTTP2_MAX_CONCURRENT_STREAMS
+    http2.initial_stream_window_size.value = HTTP2_STREAM_WINDOW_BYTES
+    http2.initial_connection_window_size.value = HTTP2_CONNECTION_WINDOW_BYTES
     hcm.local_reply_config.CopyFrom(_local_reply_config())
     if settings.access_log != "off":
         access_log = hcm.access_log.add(name="envoy.access_loggers.stdout")

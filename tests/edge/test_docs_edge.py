@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from master.edge.proxy import EnvoyProcess, render_bootstrap
 from platform_common.chain import LocalSubnet
@@ -208,3 +209,8 @@ async def test_the_operators_bootstrap_commands_work(site: Site, tmp_path: Path)
     rendered = (tmp_path / "edge.yaml").read_text()
     assert f"Bearer {EDGE_TOKEN}" in rendered
     assert 'id: "edge-1"' in rendered
+    overload = yaml.safe_load(rendered)["overload_manager"]
+    monitors = {m["name"]: m["typed_config"] for m in overload["resource_monitors"]}
+    connections = monitors["envoy.resource_monitors.global_downstream_max_connections"]
+    assert connections["max_active_downstream_connections"] == 20000
+    assert monitors["envoy.resource_monitors.fixed_heap"]["max_heap_size_bytes"] == 536870912

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import json
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -88,7 +90,9 @@ async def _activate(edge: Edge, slug: str, **routes: Any) -> None:
 
 
 @pytest.fixture
-async def edge(tmp_path: Path) -> AsyncIterator[Edge]:
+async def edge(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Edge]:
+    """A master with the edge on and an Envoy on its bootstrap; indirect parametrization
+    passes more keyword arguments to ``render_bootstrap``."""
     subnet_path = tmp_path / "chain.json"
     LocalSubnet.create(subnet_path, netuid=1, neurons=8, validators=2, manual_blocks=True)
     upstream = UpstreamServer().start()
@@ -113,6 +117,7 @@ async def edge(tmp_path: Path) -> AsyncIterator[Edge]:
                 xds_host="127.0.0.1",
                 xds_port=master_port,
                 edge_token=EDGE_TOKEN,
+                **getattr(request, "param", {}),
             ),
             work_dir=tmp_path / "envoy",
             log_level="warning",
@@ -164,6 +169,64 @@ async def test_a_route_follows_the_registry_live(edge: Edge) -> None:
     await set_status(edge.running.registry, "echo", INACTIVE)
     gone = await edge.until("/challenges/echo/other", lambda r: r.status == 404)
     assert gone.status == 404
+
+
+def _keep_alive_exchange(sock: socket.socket, target: str) -> int:
+    """One request on an open connection; the answer's status (its body is read and dropped)."""
+    sock.sendall(f"GET {target} HTTP/1.1\r\nhost: edge\r\n\r\n".encode())
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    response.read()
+    return response.status
+
+
+@pytest.mark.parametrize("edge", [{"max_connections": 2}], indirect=True)
+async def test_envoy_holds_no_more_client_connections_than_its_bootstrap_allows(
+    edge: Edge,
+) -> None:
+    await _activate(edge, "echo")
+    assert (await edge.until("/challenges/echo/a", lambda r: r.status == 200)).status == 200
+    target = "/challenges/echo/held"
+
+    async def hold() -> socket.socket:
+        """A connection served once and kept alive; retried while Envoy still counts the
+        connections of earlier requests that the client side has closed already."""
+        deadline = time.monotonic() + CONVERGE_SECONDS
+        while True:
+            sock = socket.create_connection(("127.0.0.1", edge.port), timeout=10)
+            try:
+                if await asyncio.to_thread(_keep_alive_exchange, sock, target) == 200:
+                    return sock
+            except ConnectionError:
+                pass
+            sock.close()
+            assert time.monotonic() < deadline, "Envoy accepted no connection"
+            await asyncio.sleep(0.05)
+
+    with contextlib.ExitStack() as held:
+        # Two connections open: the cap is reached.
+        first = held.enter_context(await hold())
+        held.enter_context(await hold())
+        served = edge.upstream.paths().count("/held")
+        with socket.create_connection(("127.0.0.1", edge.port), timeout=10) as third:
+            # The kernel completes the handshake; Envoy closes the connection unread.
+            with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+                third.sendall(f"GET {target} HTTP/1.1\r\nhost: edge\r\n\r\n".encode())
+            with contextlib.suppress(ConnectionResetError):
+                assert await asyncio.to_thread(third.recv, 1024) == b""
+        assert edge.upstream.paths().count("/held") == served
+        # The held connections still work.
+        assert await asyncio.to_thread(_keep_alive_exchange, first, target) == 200
+    # Once Envoy has seen them closed, new connections are accepted again.
+    deadline = time.monotonic() + CONVERGE_SECONDS
+    while True:
+        try:
+            after = await edge.get(target)
+            break
+        except ConnectionError:
+            assert time.monotonic() < deadline, "no connection accepted after the others closed"
+            await asyncio.sleep(0.05)
+    assert after.status == 200
 
 
 async def test_a_challenge_slower_than_its_timeout_gets_a_safe_504(edge: Edge) -> None:

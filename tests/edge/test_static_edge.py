@@ -13,6 +13,7 @@ import contextlib
 import http.client
 import json
 import random
+import socket
 import urllib.parse
 from collections import Counter
 from collections.abc import Iterator
@@ -51,12 +52,14 @@ BLOCKED_NAMES = frozenset({"internal", "health", "version", "admin", "debug"})
 EDGE_TOKEN = "test-edge-token"
 
 
-def _limits(*, ip: int = GENEROUS, hotkey: int = GENEROUS) -> EdgeLimits:
+def _limits(
+    *, ip: int = GENEROUS, hotkey: int = GENEROUS, body: int = BODY_LIMIT, timeout: int = 30
+) -> EdgeLimits:
     return EdgeLimits(
         rate_per_hotkey_per_minute=hotkey,
         rate_per_ip_per_minute=ip,
-        max_request_body_bytes=BODY_LIMIT,
-        request_timeout_seconds=30,
+        max_request_body_bytes=body,
+        request_timeout_seconds=timeout,
     )
 
 
@@ -407,12 +410,7 @@ def test_a_stream_is_cut_when_the_challenges_timeout_ends(tmp_path: Path) -> Non
     stream still open when it ends is cut, and what the upstream holds back never arrives."""
     upstream = UpstreamServer().start()
     try:
-        limits = EdgeLimits(
-            rate_per_hotkey_per_minute=GENEROUS,
-            rate_per_ip_per_minute=GENEROUS,
-            max_request_body_bytes=BODY_LIMIT,
-            request_timeout_seconds=1,
-        )
+        limits = _limits(timeout=1)
         state = EdgeState(
             settings=EdgeSettings(
                 listen_port=free_port(), authz_port=free_port(), edge_token=EDGE_TOKEN
@@ -858,3 +856,122 @@ def test_signed_routes_refuse_a_flood_from_one_address_before_asking_authz(
         assert submit("127.0.0.8", "5Miner0").status == 200
         for _ in range(AUTHZ_IP_LIMIT + 1):
             assert edge.get("/challenges/guarded/x", source_ip="127.0.0.6").status == 200
+
+
+# ---------------------------------------------------------------------------------------------
+# Connections: slow clients, idle connections, HTTP/2 limits, large bodies
+
+HEADERS_TIMEOUT_MS = 500
+IDLE_TIMEOUT_MS = 1000
+LARGE_BODY_LIMIT = 256 * 1024
+# Generous bounds for what should take HEADERS_TIMEOUT_MS or IDLE_TIMEOUT_MS: a test that
+# reaches one has found the timeout missing, not a slow machine.
+CLOSE_WAIT_S = 15.0
+
+
+@pytest.fixture(scope="module")
+def strict_edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
+    """The edge with short header and idle timeouts (the defaults are 10 s and 5 min)."""
+    upstream = UpstreamServer().start()
+    try:
+        limits = _limits(body=LARGE_BODY_LIMIT)
+        state = EdgeState(
+            settings=EdgeSettings(
+                listen_port=free_port(),
+                authz_port=free_port(),
+                edge_token=EDGE_TOKEN,
+                request_headers_timeout_ms=HEADERS_TIMEOUT_MS,
+                idle_timeout_ms=IDLE_TIMEOUT_MS,
+            ),
+            challenges=(EdgeChallenge("big", "127.0.0.1", upstream.port, limits),),
+        )
+        with _run_edge(state, tmp_path_factory.mktemp("strict-edge"), upstream) as edge:
+            yield edge
+    finally:
+        upstream.stop()
+
+
+def _read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    sock.settimeout(CLOSE_WAIT_S)
+    received = b""
+    while chunk := sock.recv(65536):
+        received += chunk
+    return received
+
+
+def test_a_client_too_slow_with_its_headers_gets_408_and_is_disconnected(
+    strict_edge: Edge,
+) -> None:
+    before = len(strict_edge.upstream.requests())
+    with socket.create_connection(("127.0.0.1", strict_edge.port), timeout=CLOSE_WAIT_S) as sock:
+        # The request line and one header, then nothing: the end of the headers never comes.
+        sock.sendall(b"GET /challenges/big/x HTTP/1.1\r\nhost: edge\r\n")
+        received = _read_until_closed(sock)
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 "), received
+    assert json.loads(body) == {"error": "request_timeout"}
+    assert strict_edge.upstream.requests()[before:] == []
+
+
+def test_an_idle_connection_is_closed(strict_edge: Edge) -> None:
+    with socket.create_connection(("127.0.0.1", strict_edge.port), timeout=CLOSE_WAIT_S) as sock:
+        sock.sendall(b"GET /challenges/big/x HTTP/1.1\r\nhost: edge\r\n\r\n")
+        # The answer, then the close: the connection is kept alive, and then idle.
+        received = _read_until_closed(sock)
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), received
+    assert json.loads(body)["path"] == "/x"
+
+
+def _h2_frame(sock: socket.socket) -> tuple[int, int, int, bytes]:
+    """One HTTP/2 frame: type, flags, stream id, payload."""
+    header = b""
+    while len(header) < 9:
+        chunk = sock.recv(9 - len(header))
+        assert chunk, "the connection closed"
+        header += chunk
+    length = int.from_bytes(header[:3], "big")
+    payload = b""
+    while len(payload) < length:
+        chunk = sock.recv(length - len(payload))
+        assert chunk, "the connection closed"
+        payload += chunk
+    return header[3], header[4], int.from_bytes(header[5:9], "big") & 0x7FFFFFFF, payload
+
+
+def test_http2_clients_get_bounded_streams_and_windows(strict_edge: Edge) -> None:
+    """What Envoy announces to an HTTP/2 (h2c) client: its SETTINGS frame and the
+    connection window it opens (Envoy's defaults: 2^31 - 1 streams, 256 MiB windows)."""
+    settings_frame, window_update = 0x4, 0x8
+    max_concurrent_streams, initial_window_size = 0x3, 0x4
+    with socket.create_connection(("127.0.0.1", strict_edge.port), timeout=10) as sock:
+        sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))
+        kind, flags, stream, payload = _h2_frame(sock)
+        assert (kind, flags, stream) == (settings_frame, 0, 0)
+        announced = {
+            int.from_bytes(payload[i : i + 2], "big"): int.from_bytes(payload[i + 2 : i + 6], "big")
+            for i in range(0, len(payload), 6)
+        }
+        assert announced[max_concurrent_streams] == 100
+        assert announced[initial_window_size] == 64 * 1024
+        # Then (after acknowledging the client's SETTINGS) the connection's window update.
+        for _ in range(3):
+            kind, _, stream, payload = _h2_frame(sock)
+            if kind == window_update:
+                break
+        assert (kind, stream) == (window_update, 0)
+        # The connection window starts at 65,535 bytes; the update raises it to 1 MiB.
+        assert 65_535 + int.from_bytes(payload, "big") == 1024 * 1024
+
+
+def test_a_body_larger_than_the_connection_buffer_arrives_whole(strict_edge: Edge) -> None:
+    """Connections buffer 32 KiB before flow control pushes back; a body up to the
+    challenge's own limit still passes, byte for byte."""
+    body = bytes(random.Random(7).randrange(256) for _ in range(LARGE_BODY_LIMIT))
+    response = strict_edge.get("/challenges/big/upload", method="POST", body=body)
+    assert response.status == 200, response.body
+    assert response.json()["body_bytes"] == LARGE_BODY_LIMIT
+    assert strict_edge.upstream.requests()[-1].body == body
+    over = strict_edge.get("/challenges/big/upload", method="POST", body=body + b"!")
+    assert over.status == 413

@@ -37,7 +37,12 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import empty_pb2
 from prometheus_client import REGISTRY
 
-from master.edge.model import EdgeResources
+from master.edge.model import (
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_HEAP_BYTES,
+    MIN_HEAP_BYTES,
+    EdgeResources,
+)
 from master.edge.proxy import EnvoyProcess, render_bootstrap
 from master.edge.xds import StreamInfo, XdsServer
 from tests.support import waiting
@@ -701,12 +706,33 @@ def test_bootstrap_values_cannot_change_its_structure() -> None:
     endpoint = doc["static_resources"]["clusters"][0]["load_assignment"]["endpoints"][0]
     address = endpoint["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
     assert address == {"address": "::1", "port_value": 50051}
-    with pytest.raises(ValueError, match="HTTP header"):
-        render_bootstrap(
-            node_id="n",
-            admin_host="127.0.0.1",
-            admin_port=0,
-            xds_host="127.0.0.1",
-            xds_port=50051,
-            edge_token="a\nb",
-        )
+    # Envoy's overload manager: the defaults, and the heap budget's actions.
+    overload = doc["overload_manager"]
+    monitors = {m["name"]: m["typed_config"] for m in overload["resource_monitors"]}
+    connections = monitors["envoy.resource_monitors.global_downstream_max_connections"]
+    assert connections["max_active_downstream_connections"] == DEFAULT_MAX_CONNECTIONS
+    heap = monitors["envoy.resource_monitors.fixed_heap"]
+    assert heap["max_heap_size_bytes"] == DEFAULT_MAX_HEAP_BYTES
+    actions = {a["name"]: a["triggers"][0]["threshold"]["value"] for a in overload["actions"]}
+    assert actions == {
+        "envoy.overload_actions.shrink_heap": 0.95,
+        "envoy.overload_actions.stop_accepting_requests": 0.98,
+    }
+    for bad, message in (
+        ({"max_connections": 0}, "max_connections"),
+        ({"max_connections": True}, "max_connections"),
+        ({"max_heap_bytes": MIN_HEAP_BYTES - 1}, "max_heap_bytes"),
+        ({"max_heap_bytes": "1e9"}, "max_heap_bytes"),
+        ({"edge_token": "a\nb"}, "HTTP header"),
+    ):
+        arguments: dict[str, Any] = {
+            "node_id": "n",
+            "admin_host": "127.0.0.1",
+            "admin_port": 0,
+            "xds_host": "127.0.0.1",
+            "xds_port": 50051,
+            "edge_token": "t" * 16,
+            **bad,
+        }
+        with pytest.raises(ValueError, match=message):
+            render_bootstrap(**arguments)
