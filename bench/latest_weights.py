@@ -87,6 +87,15 @@ class ClientResult:
     cpu_seconds: float  # CPU time of the client process (all threads) over the window
 
 
+def latest_weights_call(
+    channel: grpc.Channel,
+) -> grpc.UnaryUnaryMultiCallable[weights_pb2.GetLatestWeightsRequest, bytes]:
+    """GetLatestWeights on ``channel``, its answer left as the bytes on the wire."""
+    return channel.unary_unary(
+        METHOD, request_serializer=weights_pb2.GetLatestWeightsRequest.SerializeToString
+    )
+
+
 def _sync_client(
     address: str, seconds: float, concurrency: int, counting: Any = None
 ) -> ClientResult:
@@ -97,12 +106,7 @@ def _sync_client(
     is set when the count starts, for the caller to measure the master over the
     same window."""
     with grpc.insecure_channel(address) as channel:
-        call: grpc.UnaryUnaryMultiCallable[weights_pb2.GetLatestWeightsRequest, bytes] = (
-            channel.unary_unary(
-                METHOD,
-                request_serializer=weights_pb2.GetLatestWeightsRequest.SerializeToString,
-            )
-        )
+        call = latest_weights_call(channel)
         request = weights_pb2.GetLatestWeightsRequest()
         expected = call(request, metadata=ADMIN)
         lock = threading.Lock()
@@ -209,12 +213,7 @@ def wait_sealed(address: str) -> bytes:
     """The sealed vector's bytes, once the master has one."""
     deadline = time.monotonic() + 30
     with grpc.insecure_channel(address) as channel:
-        call: grpc.UnaryUnaryMultiCallable[weights_pb2.GetLatestWeightsRequest, bytes] = (
-            channel.unary_unary(
-                METHOD,
-                request_serializer=weights_pb2.GetLatestWeightsRequest.SerializeToString,
-            )
-        )
+        call = latest_weights_call(channel)
         while True:
             try:
                 return call(weights_pb2.GetLatestWeightsRequest(), metadata=ADMIN)
@@ -271,11 +270,7 @@ def check_answers_on_new_connections(address: str, payload: bytes, connections: 
     for _ in range(connections):
         options = [("grpc.use_local_subchannel_pool", 1)]  # a connection of its own
         with grpc.insecure_channel(address, options=options) as channel:
-            call: grpc.UnaryUnaryMultiCallable[weights_pb2.GetLatestWeightsRequest, bytes] = (
-                channel.unary_unary(
-                    METHOD, request_serializer=weights_pb2.GetLatestWeightsRequest.SerializeToString
-                )
-            )
+            call = latest_weights_call(channel)
             if call(weights_pb2.GetLatestWeightsRequest(), metadata=ADMIN) != payload:
                 raise RuntimeError("a master sharing the port did not answer the sealed vector")
 
