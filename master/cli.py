@@ -110,7 +110,9 @@ def run_edge_bootstrap(args: argparse.Namespace) -> int:
         if args.max_connections < 1:
             raise ConfigError("--max-connections: must be at least 1")
         if args.max_heap_bytes < MIN_HEAP_BYTES:
-            raise ConfigError(f"--max-heap-bytes: must be at least {MIN_HEAP_BYTES} (64 MiB)")
+            raise ConfigError(
+                f"--max-heap-bytes: must be at least {MIN_HEAP_BYTES} ({MIN_HEAP_BYTES >> 20} MiB)"
+            )
         print(
             render_bootstrap(
                 node_id=args.node_id,

@@ -287,3 +287,19 @@ def test_console_script_is_the_venv_one() -> None:
 
 
 _ = registry_pb2, ADMIN
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--max-connections", "0"), ("--max-heap-bytes", str(64 * 1024 * 1024 - 1))],
+)
+def test_edge_bootstrap_refuses_limits_naming_the_flag(flag: str, value: str) -> None:
+    result = run_cli(
+        "edge", "bootstrap", "--xds", "127.0.0.1:50051", "--node-id", "edge-1", flag, value,
+        env={"PLATFORM_EDGE_TOKEN": "edge-token-0123456789"},
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith(f"platform edge bootstrap: {flag}: must be at least"), (
+        result.stderr
+    )
