@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 from platform_common import config as cfg
@@ -85,7 +86,39 @@ def register_edge(subparsers: Any) -> None:
         help="Envoy's heap budget: near it Envoy frees memory, then answers new requests "
         f"503; keep it below the memory Envoy may use (default {DEFAULT_MAX_HEAP_BYTES})",
     )
+    sub.add_argument(
+        "--output",
+        default="",
+        metavar="PATH",
+        help="write the bootstrap to PATH (mode 0600: it holds the edge token) instead of "
+        "printing it",
+    )
     sub.set_defaults(func=run_edge_bootstrap)
+
+    text = (
+        "drain an edge Envoy before it stops (a pod's preStop): start its graceful drain "
+        "(clients are told to reconnect elsewhere) and wait until no request is in flight"
+    )
+    sub = actions.add_parser("drain", help=text, description=text)
+    sub.add_argument(
+        "--admin", default="127.0.0.1:9901", metavar="HOST:PORT", help="Envoy's admin address"
+    )
+    sub.add_argument(
+        "--min-seconds",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="wait at least this long, while clients still arriving are served (default 5)",
+    )
+    sub.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="give up waiting for requests in flight after this long (default 60); "
+        "exit status 1 then",
+    )
+    sub.set_defaults(func=run_edge_drain)
 
 
 def run_edge_bootstrap(args: argparse.Namespace) -> int:
@@ -94,6 +127,7 @@ def run_edge_bootstrap(args: argparse.Namespace) -> int:
     from master.edge.model import MIN_HEAP_BYTES
     from master.edge.proxy import render_bootstrap
     from platform_common.config import ConfigError, parse_host_port, secret_token
+    from platform_common.files import write_atomically
 
     try:
         token = secret_token(
@@ -113,22 +147,56 @@ def run_edge_bootstrap(args: argparse.Namespace) -> int:
             raise ConfigError(
                 f"--max-heap-bytes: must be at least {MIN_HEAP_BYTES} ({MIN_HEAP_BYTES >> 20} MiB)"
             )
-        print(
-            render_bootstrap(
-                node_id=args.node_id,
-                admin_host=admin_host,
-                admin_port=admin_port,
-                xds_host=xds_host,
-                xds_port=xds_port,
-                edge_token=token,
-                max_connections=args.max_connections,
-                max_heap_bytes=args.max_heap_bytes,
-            ),
-            end="",
+        bootstrap = render_bootstrap(
+            node_id=args.node_id,
+            admin_host=admin_host,
+            admin_port=admin_port,
+            xds_host=xds_host,
+            xds_port=xds_port,
+            edge_token=token,
+            max_connections=args.max_connections,
+            max_heap_bytes=args.max_heap_bytes,
         )
+        if args.output:
+            write_atomically(Path(args.output), bootstrap, private=True)
+        else:
+            print(bootstrap, end="")
     except (ConfigError, ValueError, OSError) as exc:
         print(f"platform edge bootstrap: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def run_edge_drain(args: argparse.Namespace) -> int:
+    from master.edge.proxy import drain
+    from platform_common.config import ConfigError, parse_host_port
+
+    try:
+        host, port = parse_host_port(args.admin, "--admin")
+        if args.timeout <= 0:
+            raise ConfigError("--timeout: must be more than 0 seconds")
+        if not 0 <= args.min_seconds <= args.timeout:
+            raise ConfigError("--min-seconds: must be between 0 and --timeout")
+    except ConfigError as exc:
+        print(f"platform edge drain: {exc}", file=sys.stderr)
+        return 2
+    admin = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    try:
+        result = asyncio.run(drain(admin, min_seconds=args.min_seconds, timeout=args.timeout))
+    except OSError as exc:
+        print(f"platform edge drain: {exc}", file=sys.stderr)
+        return 1
+    if result.exited:
+        print(f"drained: Envoy stopped after {result.seconds:.1f} s")
+    elif result.drained:
+        print(f"drained: no request in flight after {result.seconds:.1f} s")
+    else:
+        print(
+            f"platform edge drain: {result.active} requests still in flight after "
+            f"{result.seconds:.1f} s (--timeout)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -14,19 +14,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import copy
 import dataclasses
+import http.client
 import itertools
 import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
 import tomllib
 import urllib.request
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -39,8 +42,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from master import cli as master_cli
 from master.config import MasterConfig
+from master.edge.proxy import envoy_binary
 from master.weights import endpoints
 from platform_common import config as cfg
+from platform_network.v1 import registry_pb2, registry_pb2_grpc
+from tests.edge.envoy_support import UpstreamServer, raw_request
 from tests.support.ports import free_port
 from tests.support.postgres import PostgresServer
 
@@ -68,6 +74,9 @@ SET_BY_CHART = {
     "token_key_file",
     "hotkey_file",
     "shim_endpoints_file",
+    "edge_listen",
+    "edge_authz_address",
+    "edge_token_file",
 }
 # Settings the chart deliberately never sets, and why.
 NOT_FOR_KUBERNETES = {
@@ -75,6 +84,7 @@ NOT_FOR_KUBERNETES = {
     "ready_file": "readiness is the gRPC health probe",
     "reuse_port": "replicas are pods behind a Service; sharing a port is for masters on one host",
     "hotkey": "the hotkey is a file from an existing Secret (hotkey_file), not an env variable",
+    "edge_token": "the edge token is a file from a Secret (edge_token_file), not an env variable",
     "edge_envoy": "in Kubernetes Envoy runs as its own Deployment, not as the master's child",
     "edge_envoy_dir": "only for the local Envoy of --edge-envoy",
     "edge_admin_listen": "only for the local Envoy of --edge-envoy",
@@ -82,27 +92,9 @@ NOT_FOR_KUBERNETES = {
     "runtime_images": "only for the local runtime",
     "runtime_keep_on_exit": "only for the local runtime",
 }
-# Edge settings are not exposed by the chart yet, nor is a runtime (there is no Kubernetes
-# runtime: challenges are placed by the `placement` value). Exposing the edge needs the
-# edge token's Secret and an Envoy Deployment; until then this test names them here so
-# that any further setting still fails it.
-NOT_IN_CHART_YET = frozenset(
-    {
-        "runtime",
-        "edge_access_log",
-        "edge_listen",
-        "edge_authz_address",
-        "edge_token_file",
-        "edge_token",
-        "edge_rate_per_hotkey",
-        "edge_rate_per_ip",
-        "edge_authz_rate_per_ip",
-        "edge_max_body_bytes",
-        "edge_timeout",
-        "edge_trusted_proxies",
-        "edge_signature_max_age",
-    }
-)
+# There is no Kubernetes runtime: challenges are placed by the `placement` value. The test
+# names the setting here so that any further setting still fails it.
+NOT_IN_CHART_YET = frozenset({"runtime"})
 
 # One valid value for every key values.schema.json allows under `config`.
 EVERY_CONFIG_SETTING: dict[str, Any] = {
@@ -129,6 +121,14 @@ EVERY_CONFIG_SETTING: dict[str, Any] = {
     "collect_timeout": 8,
     "vector_lifetime": 720,
     "epoch_retention": 1000,
+    "edge_rate_per_hotkey": 300,
+    "edge_rate_per_ip": 900,
+    "edge_authz_rate_per_ip": 3000,
+    "edge_max_body_bytes": 2_097_152,
+    "edge_timeout": 60,
+    "edge_access_log": "all",
+    "edge_trusted_proxies": 1,
+    "edge_signature_max_age": 20.0,
 }
 PLACEMENT = {
     "alpha": {"shim": "alpha-shim.challenges.svc:7000", "public": "alpha.challenges.svc:8000"},
@@ -143,6 +143,7 @@ EXISTING_SECRETS: Obj = {
     "adminToken": {"value": "", "existingSecret": "ops-admin"},
     "database": {"url": "", "existingSecret": "ops-db", "existingSecretKey": "url"},
     "tokenKey": {"value": "", "existingSecret": "ops-token-key"},
+    "edgeToken": {"value": "", "existingSecret": "ops-edge", "existingSecretKey": "token"},
     "metrics": {"enabled": False},
     "podDisruptionBudget": {"enabled": False},
     "serviceAccount": {"create": False},
@@ -181,11 +182,47 @@ EVERYTHING_SET: Obj = {
             "labelSelector": {"matchLabels": {"app.kubernetes.io/component": "master"}},
         }
     ],
+    "clusterDomain": "cluster.example",
+    "edge": {
+        "replicaCount": 3,
+        "containerPort": 8443,
+        "adminPort": 9902,
+        "concurrency": 4,
+        "logLevel": "warning",
+        "maxConnections": 20000,
+        "maxHeapBytes": 1_610_612_736,
+        "service": {
+            "type": "NodePort",
+            "port": 8080,
+            "externalTrafficPolicy": "Cluster",
+            "annotations": {"example.com/lb": "public"},
+        },
+        "drain": {"minSeconds": 10, "timeoutSeconds": 90},
+        "terminationGracePeriodSeconds": 120,
+        "resources": {"requests": {"cpu": "2", "memory": "512Mi"}, "limits": {"memory": "2Gi"}},
+        "podDisruptionBudget": {"minAvailable": 1},
+        "podAnnotations": {"example.com/team": "edge"},
+        "podLabels": {"example.com/tier": "edge"},
+        "priorityClassName": "system-cluster-critical",
+        "nodeSelector": {"example.com/pool": "edge"},
+        "tolerations": [{"key": "edge", "operator": "Exists"}],
+        "affinity": {"podAntiAffinity": {}},
+        "topologySpreadConstraints": [
+            {
+                "maxSkew": 1,
+                "topologyKey": "topology.kubernetes.io/zone",
+                "whenUnsatisfiable": "DoNotSchedule",
+                "labelSelector": {"matchLabels": {"app.kubernetes.io/component": "edge"}},
+            }
+        ],
+    },
 }
+EDGE_OFF: Obj = {"edge": {"enabled": False}}
 VARIANTS: dict[str, Obj] = {
     "production": {},
     "existing-secrets": EXISTING_SECRETS,
     "everything-set": EVERYTHING_SET,
+    "edge-off": EDGE_OFF,
 }
 
 
@@ -232,14 +269,17 @@ class Helm:
         )
 
     def render(self, values: Obj | None = None) -> dict[str, Obj]:
-        """The rendered objects by kind (the chart renders at most one of each)."""
+        """The rendered objects by kind, the edge's as ``edge/<kind>`` (the chart renders at
+        most one of each kind for the master and one for the edge)."""
         result = self.template(values or {})
         assert result.returncode == 0, result.stderr
         objects: dict[str, Obj] = {}
         for doc in yaml.safe_load_all(result.stdout):
             if doc:
-                assert doc["kind"] not in objects, f"two {doc['kind']} objects"
-                objects[doc["kind"]] = doc
+                edge = doc["metadata"]["labels"]["app.kubernetes.io/component"] == "edge"
+                key = f"edge/{doc['kind']}" if edge else doc["kind"]
+                assert key not in objects, f"two {key} objects"
+                objects[key] = doc
         return objects
 
 
@@ -300,10 +340,29 @@ def container_env(objects: dict[str, Obj]) -> dict[str, str]:
     return env
 
 
-def secret_sources(objects: dict[str, Obj]) -> list[Obj]:
-    """The Secrets projected into the key-file volume."""
-    [volume] = [v for v in pod_spec(objects)["volumes"] if v["name"] == "secrets"]
+def secret_sources(objects: dict[str, Obj], pod: Obj | None = None) -> list[Obj]:
+    """The Secrets projected into the key-file volume (of the master's pod by default)."""
+    volumes = (pod or pod_spec(objects))["volumes"]
+    [volume] = [v for v in volumes if v["name"] == "secrets"]
     return [source["secret"] for source in volume["projected"]["sources"]]
+
+
+def edge_pod(objects: dict[str, Obj]) -> Obj:
+    spec: Obj = objects["edge/Deployment"]["spec"]["template"]["spec"]
+    return spec
+
+
+def edge_containers(objects: dict[str, Obj]) -> tuple[Obj, Obj]:
+    """The edge pod's init container (renders the bootstrap) and its Envoy container."""
+    pod = edge_pod(objects)
+    [bootstrap] = pod["initContainers"]
+    [envoy] = pod["containers"]
+    assert (bootstrap["name"], envoy["name"]) == ("bootstrap", "envoy")
+    return bootstrap, envoy
+
+
+def edge_secret_sources(objects: dict[str, Obj]) -> list[Obj]:
+    return secret_sources(objects, edge_pod(objects))
 
 
 def key_files(objects: dict[str, Obj], directory: Path) -> dict[str, Path]:
@@ -327,6 +386,7 @@ def master_args(args: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="platform")
     sub = parser.add_subparsers(dest="command", required=True)
     master_cli.register(sub)
+    master_cli.register_edge(sub)
     return parser.parse_args(args)
 
 
@@ -373,11 +433,32 @@ def test_renders_the_expected_objects(helm: Helm) -> None:
         "Secret",
         "Service",
         "ServiceAccount",
+        "edge/Deployment",
+        "edge/PodDisruptionBudget",
+        "edge/Service",
     }
-    for obj in objects.values():
+    for key, obj in objects.items():
         assert obj["metadata"]["namespace"] == NAMESPACE
-        assert obj["metadata"]["labels"]["app.kubernetes.io/component"] == "master"
+        component = "edge" if key.startswith("edge/") else "master"
+        assert obj["metadata"]["labels"]["app.kubernetes.io/component"] == component
     assert objects["Deployment"]["spec"]["replicas"] == 2
+    assert objects["edge/Deployment"]["spec"]["replicas"] == 2
+    # Each Service and budget selects its own pods only.
+    for prefix, component in (("", "master"), ("edge/", "edge")):
+        labels = objects[f"{prefix}Deployment"]["spec"]["template"]["metadata"]["labels"]
+        for kind in ("Service", "PodDisruptionBudget"):
+            spec = objects[f"{prefix}{kind}"]["spec"]
+            selector = spec["selector"] if kind == "Service" else spec["selector"]["matchLabels"]
+            assert selector["app.kubernetes.io/component"] == component
+            assert selector.items() <= labels.items(), kind
+
+
+def test_the_edge_can_be_turned_off(helm: Helm) -> None:
+    objects = helm.render({**EDGE_OFF, "edgeToken": {"value": ""}})
+    assert not [key for key in objects if key.startswith("edge/")]
+    assert not [arg for arg in container(objects)["args"] if arg.startswith("--edge")]
+    assert "edge-token" not in objects["Secret"]["data"]
+    assert all("edge-token" not in str(source) for source in secret_sources(objects))
 
 
 def test_existing_secrets_make_no_secret(helm: Helm) -> None:
@@ -394,9 +475,12 @@ def test_existing_secrets_make_no_secret(helm: Helm) -> None:
         "PLATFORM_ADMIN_TOKEN": {"name": "ops-admin", "key": "admin-token"},
         "PLATFORM_DATABASE_URL": {"name": "ops-db", "key": "url"},
     }
-    [source] = secret_sources(objects)
-    assert source["name"] == "ops-token-key"
-    assert source["items"] == [{"key": "token-key", "path": "token-key"}]
+    assert secret_sources(objects) == [
+        {"name": "ops-token-key", "items": [{"key": "token-key", "path": "token-key"}]},
+        {"name": "ops-edge", "items": [{"key": "token", "path": "edge-token"}]},
+    ]
+    [edge_source] = edge_secret_sources(objects)
+    assert edge_source == {"name": "ops-edge", "items": [{"key": "token", "path": "edge-token"}]}
     assert (
         "checksum/secret"
         not in objects["Deployment"]["spec"]["template"]["metadata"]["annotations"]
@@ -477,6 +561,12 @@ def test_command_line_and_probes(helm: Helm) -> None:
         "/etc/platform-secrets/token-key",
         "--shim-endpoints-file",
         "/etc/platform/placement.json",
+        "--edge-listen",
+        "0.0.0.0:8080",
+        "--edge-authz-address",
+        f"platform-platform-master.{NAMESPACE}.svc.cluster.local:50051",
+        "--edge-token-file",
+        "/etc/platform-secrets/edge-token",
     ]
     ports = {p["name"]: p["containerPort"] for p in master["ports"]}
     assert ports == {"grpc": 50051, "metrics": 9464}
@@ -492,6 +582,111 @@ def test_command_line_and_probes(helm: Helm) -> None:
 
     defaults = yaml.safe_load((CHART / "values.yaml").read_text())
     assert master["resources"] == defaults["resources"]
+
+
+def test_the_edge_pod_is_wired_to_the_masters(helm: Helm) -> None:
+    """The bootstrap, Envoy and drain command lines (read by the real CLI) agree with each
+    other and with the masters' edge flags: one address, one token, one admin port."""
+    objects = helm.render()
+    bootstrap, envoy = edge_containers(objects)
+    pod = edge_pod(objects)
+    master = master_args(container(objects)["args"])
+    rendered = master_args(bootstrap["args"])
+    assert bootstrap["command"] == ["platform"]
+
+    # Envoy reaches the masters' Service (xDS), and the masters send it there for ext_authz.
+    service = objects["Service"]
+    grpc_port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc")
+    address = f"{service['metadata']['name']}.{NAMESPACE}.svc.cluster.local:{grpc_port}"
+    assert rendered.xds == address
+    assert master.edge_authz_address == address
+    listen = next(p for p in envoy["ports"] if p["name"] == "http")
+    assert master.edge_listen == f"0.0.0.0:{listen['containerPort']}"
+
+    # Each pod is its own xDS node.
+    assert rendered.node_id == "$(POD_NAME)"
+    [pod_name] = [e for e in bootstrap["env"] if e["name"] == "POD_NAME"]
+    assert pod_name["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+
+    # One token: the masters' and the bootstrap's come from the same Secret key.
+    mounts = {m["name"]: m["mountPath"] for m in bootstrap["volumeMounts"]}
+    assert rendered.edge_token_file == f"{mounts['secrets']}/edge-token"
+    token = {"name": objects["Secret"]["metadata"]["name"], "items": [
+        {"key": "edge-token", "path": "edge-token"}]}  # fmt: skip
+    assert edge_secret_sources(objects) == [token]
+    assert token in secret_sources(objects)
+    assert master.edge_token_file == "/etc/platform-secrets/edge-token"
+
+    # The bootstrap goes to a memory volume Envoy reads it from, and nothing else does.
+    assert Path(rendered.output).parent == Path(mounts["bootstrap"])
+    envoy_mounts = {m["name"]: m for m in envoy["volumeMounts"]}
+    assert envoy_mounts["bootstrap"]["mountPath"] == mounts["bootstrap"]
+    assert envoy_mounts["bootstrap"]["readOnly"] is True
+    assert "secrets" not in envoy_mounts
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["bootstrap"]["emptyDir"]["medium"] == "Memory"
+    envoy_args = envoy["args"]
+    assert envoy_args[envoy_args.index("-c") + 1] == rendered.output
+    assert "--disable-hot-restart" in envoy_args
+
+    # The preStop drains through the admin address the bootstrap gives Envoy, for as long
+    # as Envoy's own drain time, within the pod's grace period.
+    drain_command = envoy["lifecycle"]["preStop"]["exec"]["command"]
+    assert drain_command[0] == "platform"
+    drain = master_args(drain_command[1:])
+    assert (drain.edge_action, drain.admin) == ("drain", rendered.admin)
+    assert rendered.admin.startswith("127.0.0.1:")
+    assert envoy_args[envoy_args.index("--drain-time-s") + 1] == str(int(drain.timeout))
+    assert envoy_args[envoy_args.index("--drain-strategy") + 1] == "immediate"
+    assert pod["terminationGracePeriodSeconds"] > drain.timeout >= drain.min_seconds
+
+    # Limits: the heap budget sits below the container's memory limit.
+    assert rendered.max_connections == 50_000
+    assert rendered.max_heap_bytes == 768 * 1024 * 1024
+    assert envoy["resources"]["limits"]["memory"] == "1Gi"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert envoy[probe]["tcpSocket"] == {"port": "http"}, probe
+
+    # Hardened like the masters.
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"] == pod_spec(objects)["securityContext"]
+    for each in (bootstrap, envoy):
+        assert each["securityContext"] == container(objects)["securityContext"], each["name"]
+
+    # The public Service keeps client addresses (per-address rate limits).
+    edge_service = objects["edge/Service"]["spec"]
+    assert edge_service["type"] == "LoadBalancer"
+    assert edge_service["externalTrafficPolicy"] == "Local"
+    assert edge_service["ports"] == [
+        {"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP", "appProtocol": "http"}
+    ]
+
+
+def test_edge_values_reach_the_edge(helm: Helm) -> None:
+    objects = helm.render(EVERYTHING_SET)
+    edge = EVERYTHING_SET["edge"]
+    bootstrap, envoy = edge_containers(objects)
+    rendered = master_args(bootstrap["args"])
+    master = master_args(container(objects)["args"])
+    assert rendered.xds.endswith(".svc.cluster.example:50051")
+    assert master.edge_authz_address == rendered.xds
+    assert rendered.admin == f"127.0.0.1:{edge['adminPort']}"
+    assert (rendered.max_connections, rendered.max_heap_bytes) == (
+        edge["maxConnections"], edge["maxHeapBytes"])  # fmt: skip
+    assert master.edge_listen == f"0.0.0.0:{edge['containerPort']}"
+    args = envoy["args"]
+    assert args[args.index("--concurrency") + 1] == "4"
+    assert args[args.index("--log-level") + 1] == "warning"
+    drain = master_args(envoy["lifecycle"]["preStop"]["exec"]["command"][1:])
+    assert (drain.min_seconds, drain.timeout) == (10, 90)
+    pod = edge_pod(objects)
+    assert pod["terminationGracePeriodSeconds"] == 120
+    assert pod["nodeSelector"] == edge["nodeSelector"]
+    assert pod["topologySpreadConstraints"] == edge["topologySpreadConstraints"]
+    spec = objects["edge/Service"]["spec"]
+    assert (spec["type"], spec["externalTrafficPolicy"]) == ("NodePort", "Cluster")
+    assert objects["edge/PodDisruptionBudget"]["spec"]["minAvailable"] == 1
+    assert objects["edge/Deployment"]["spec"]["replicas"] == 3
 
 
 def test_metrics_can_be_turned_off(helm: Helm, tmp_path: Path) -> None:
@@ -528,6 +723,12 @@ def test_changed_settings_roll_the_pods(helm: Helm) -> None:
     assert checksums({"config": {"log_level": "debug"}})[0] != config
     assert checksums({"adminToken": {"value": "another-admin-token-0123456789"}})[1] != secret
     assert checksums({"tokenKey": {"value": "ab" * 32}})[1] != secret
+    assert checksums({"edgeToken": {"value": "another-edge-token-0123456789"}})[1] != secret
+    # The edge's pods render their bootstrap (with the edge token) at start: they roll too.
+    edge_annotations = helm.render({"edgeToken": {"value": "another-edge-token-0123456789"}})[
+        "edge/Deployment"
+    ]["spec"]["template"]["metadata"]["annotations"]
+    assert edge_annotations["checksum/secret"] != secret
     # The placement is re-read by the running master: changing it rolls nothing.
     assert checksums({"placement": PLACEMENT}) == (config, secret)
 
@@ -582,6 +783,28 @@ def test_changed_settings_roll_the_pods(helm: Helm) -> None:
         pytest.param({"config": {"chain": "local+file:/x"}}, "config.chain", id="chain-file"),
         pytest.param({"placement": {"alpha": "nowhere"}}, "placement", id="placement-no-port"),
         pytest.param({"placement": {"Alpha": "a:1"}}, "placement", id="placement-bad-slug"),
+        pytest.param({"edgeToken": {"value": ""}}, "edgeToken", id="edge-without-token"),
+        pytest.param({"edgeToken": {"value": "short"}}, "edgeToken.value", id="short-edge-token"),
+        pytest.param(
+            {"extraEnv": [{"name": "PLATFORM_EDGE_TOKEN", "value": "x" * 20}]},
+            "extraEnv",
+            id="edge-token-in-extra-env",
+        ),
+        pytest.param(
+            {"edge": {"drain": {"minSeconds": 50, "timeoutSeconds": 45}}},
+            "edge.drain.minSeconds",
+            id="drain-wait-past-its-timeout",
+        ),
+        pytest.param(
+            {"edge": {"terminationGracePeriodSeconds": 45}},
+            "edge.terminationGracePeriodSeconds",
+            id="edge-grace-shorter-than-drain",
+        ),
+        pytest.param({"edge": {"maxHeapBytes": 1 << 20}}, "maxHeapBytes", id="tiny-heap-budget"),
+        pytest.param({"edge": {"containerPort": 80}}, "containerPort", id="privileged-port"),
+        pytest.param(
+            {"config": {"edge_timeout": 0}}, "config.edge_timeout", id="edge-timeout-zero"
+        ),
     ],
 )
 def test_refused_values_name_the_field(helm: Helm, values: Obj, field: str) -> None:
@@ -675,9 +898,17 @@ def test_container_starts_a_valid_master_configuration(
     for name in env:
         assert not name.startswith(cfg.ENV_PREFIX) or name in settings, name
 
+    # The edge token as the kubelet mounts it from the chart's Secret.
+    assert args.edge_token_file == "/etc/platform-secrets/edge-token"
+    token_file = tmp_path / "edge-token"
+    token_file.write_bytes(base64.b64decode(objects["Secret"]["data"]["edge-token"]))
+    token_file.chmod(0o600)
+    args.edge_token_file = str(token_file)
+
     loaded = cfg.load(MasterConfig, args, env)
     loaded.check()
     assert loaded.admin_token_value() == ci_values()["adminToken"]["value"]
+    assert loaded.edge_token_value() == ci_values()["edgeToken"]["value"]
     assert loaded.database_url == ci_values()["database"]["url"]
     assert loaded.production is True
     assert loaded.listen == "0.0.0.0:50051"
@@ -701,6 +932,10 @@ def test_key_files_and_placement_are_mounted_where_the_master_reads_them(
             "items": [{"key": "token-key", "path": "token-key"}],
         },
         {"name": "master-hotkey", "items": [{"key": "uri", "path": "hotkey"}]},
+        {
+            "name": objects["Secret"]["metadata"]["name"],
+            "items": [{"key": "edge-token", "path": "edge-token"}],
+        },
     ]
     assert args.token_key_file == f"{mounts['secrets']}/token-key"
     assert args.hotkey_file == f"{mounts['secrets']}/hotkey"
@@ -763,30 +998,52 @@ def rendered_master(
     """The master's command, environment and pod spec as rendered for a fresh database."""
     database = f"helm_{os.getpid()}_{time.monotonic_ns()}"
     url = run_async(postgres_server.create_database(database))
+    grpc_port = free_port()
     values = {
         "database": {"url": url},
-        "containerPorts": {"grpc": free_port(), "metrics": free_port()},
+        "containerPorts": {"grpc": grpc_port, "metrics": free_port()},
+        "service": {"port": grpc_port},
+        "edge": {
+            "containerPort": free_port(),
+            "adminPort": free_port(),
+            "drain": {"minSeconds": 1, "timeoutSeconds": 20},
+        },
+        "placement": {"alpha": {"shim": "127.0.0.1:9", "public": f"127.0.0.1:{UPSTREAM_PORT}"}},
     }
     objects = helm.render(values)
     master = container(objects)
     assert master["command"] == ["platform"]
-    # Same arguments, but the mounted files are where the test wrote them and the
-    # master listens on loopback only.
     files = {
         "/etc/platform/platform.toml": config_file(objects, tmp_path),
         "/etc/platform/placement.json": placement_file(objects, tmp_path),
         **key_files(objects, tmp_path),
     }
-    args = [
-        str(files[arg]) if arg in files else arg.replace("0.0.0.0:", "127.0.0.1:")
-        for arg in master["args"]
-    ]
     env = {
         "PATH": os.environ.get("PATH", ""),
         "HOME": str(tmp_path),
         **container_env(objects),
     }
-    return [str(VENV_BIN / "platform"), *args], env, objects
+    return [str(VENV_BIN / "platform"), *localized(master["args"], files)], env, objects
+
+
+# Where the live edge test's challenge listens (its placement is rendered before it starts).
+UPSTREAM_PORT = free_port()
+
+
+def localized(args: list[str], files: dict[str, Path], **env: str) -> list[str]:
+    """A container's arguments as run here: mounted files where the test wrote them, every
+    address (0.0.0.0, the masters' Service name) on loopback, ``$(VAR)`` expanded."""
+    service = f"{RELEASE}-platform-master.{NAMESPACE}.svc.cluster.local:"
+    out = []
+    for arg in args:
+        if arg in files:
+            out.append(str(files[arg]))
+            continue
+        local = arg.replace("0.0.0.0:", "127.0.0.1:").replace(service, "127.0.0.1:")
+        for name, value in env.items():
+            local = local.replace(f"$({name})", value)
+        out.append(local)
+    return out
 
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:
@@ -847,3 +1104,134 @@ def test_rendered_command_serves_and_stops_in_time(
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def _wait_for(
+    check: Callable[[], bool], what: str, processes: list[subprocess.Popen[bytes]], log: Path
+) -> None:
+    deadline = time.monotonic() + 60
+    while not check():
+        for proc in processes:
+            assert proc.poll() is None, f"process {proc.pid} exited:\n{log.read_text()}"
+        assert time.monotonic() < deadline, f"{what} never happened:\n{log.read_text()}"
+        time.sleep(0.1)
+
+
+def _accepts(port: int) -> bool:
+    """What the edge's TCP probes do."""
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+        return True
+    return False
+
+
+async def _activate(address: str, token: str, slug: str) -> None:
+    metadata = (("authorization", f"Bearer {token}"),)
+    image = f"ghcr.io/example-challenges/{slug}:1.0.0@sha256:{'0' * 64}"
+    async with grpc.aio.insecure_channel(address) as channel:
+        registry = registry_pb2_grpc.RegistryStub(channel)
+        spec = registry_pb2.ChallengeSpec(
+            slug=slug, name=slug.title(), image=image, emission_share=0.5,
+            routes=registry_pb2.PublicRoutes(public_port=80),
+        )  # fmt: skip
+        await registry.CreateChallenge(
+            registry_pb2.CreateChallengeRequest(challenge=spec), metadata=metadata, timeout=10
+        )
+        await registry.SetChallengeStatus(
+            registry_pb2.SetChallengeStatusRequest(
+                slug=slug, status=registry_pb2.CHALLENGE_STATUS_ACTIVE
+            ),
+            metadata=metadata,
+            timeout=10,
+        )
+
+
+@pytest.mark.postgres
+@pytest.mark.process
+def test_rendered_edge_serves_through_the_rendered_master_and_drains(
+    rendered_master: tuple[list[str], dict[str, str], dict[str, Obj]], tmp_path: Path
+) -> None:
+    """The edge pod's commands, run as rendered: the init container writes the bootstrap,
+    Envoy gets its routes from the rendered master, serves a challenge and refuses its
+    internal routes; on deletion the preStop drain tells kept-alive clients to leave and
+    returns, and SIGTERM stops Envoy within the grace period."""
+    command, env, objects = rendered_master
+    bootstrap, envoy = edge_containers(objects)
+    files = {
+        **key_files(objects, tmp_path),
+        "/etc/envoy/bootstrap.yaml": tmp_path / "envoy" / "bootstrap.yaml",
+    }
+    files["/etc/envoy/bootstrap.yaml"].parent.mkdir()
+    edge_port = next(p["containerPort"] for p in envoy["ports"] if p["name"] == "http")
+    grpc_port = container(objects)["startupProbe"]["grpc"]["port"]
+    log = tmp_path / "processes.log"
+    processes: list[subprocess.Popen[bytes]] = []
+    upstream = UpstreamServer()
+    with log.open("wb") as output:
+        master = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=output, stderr=output)
+    processes.append(master)
+    try:
+        # The init container, then Envoy, as the kubelet runs them.
+        rendered = subprocess.run(
+            [str(VENV_BIN / "platform"), *localized(bootstrap["args"], files, POD_NAME="edge-0")],
+            env={"PATH": env["PATH"], "HOME": str(tmp_path)},
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert rendered.returncode == 0, rendered.stderr
+        written = files["/etc/envoy/bootstrap.yaml"]
+        assert written.stat().st_mode & 0o777 == 0o600
+        assert 'id: "edge-0"' in written.read_text()
+        with log.open("ab") as output:
+            proxy = subprocess.Popen(
+                [envoy_binary(), *localized(envoy["args"], files)], stdout=output, stderr=output
+            )
+        processes.append(proxy)
+        _wait_for(lambda: _accepts(edge_port), "Envoy's listener", processes, log)
+
+        upstream.start(UPSTREAM_PORT)
+        run_async(_activate(f"127.0.0.1:{grpc_port}", ci_values()["adminToken"]["value"], "alpha"))
+
+        def served() -> bool:
+            return raw_request(edge_port, "/challenges/alpha/hello").status == 200
+
+        _wait_for(served, "the challenge's route", processes, log)
+        assert upstream.paths()[-1] == "/hello"
+        internal = raw_request(edge_port, "/challenges/alpha/internal/v1/get_weights")
+        assert internal.status == 403
+        assert upstream.paths()[-1] == "/hello"
+
+        # A kept-alive client, then the pod's deletion: the preStop hook.
+        client = http.client.HTTPConnection("127.0.0.1", edge_port, timeout=10)
+        client.request("GET", "/challenges/alpha/before")
+        before = client.getresponse()
+        before.read()
+        assert before.status == 200
+        assert before.getheader("connection") != "close"
+        hook = envoy["lifecycle"]["preStop"]["exec"]["command"]
+        drained = subprocess.run(
+            [str(VENV_BIN / hook[0]), *hook[1:]],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert drained.returncode == 0, drained.stderr
+        assert drained.stdout.startswith("drained: no request in flight"), drained.stdout
+        client.request("GET", "/challenges/alpha/during")
+        during = client.getresponse()
+        during.read()
+        assert during.status == 200
+        assert during.getheader("connection") == "close"
+        client.close()
+
+        started = time.monotonic()
+        proxy.send_signal(signal.SIGTERM)
+        budget = edge_pod(objects)["terminationGracePeriodSeconds"]
+        proxy.wait(timeout=budget)
+        assert time.monotonic() - started < budget
+    finally:
+        upstream.stop()
+        for proc in reversed(processes):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=10)

@@ -19,6 +19,7 @@ from tests.helpers import ACTIVE, create, set_status
 from tests.registry.test_watch import take, watch
 from tests.support import metrics
 from tests.support.master import ADMIN, ADMIN_TOKEN, VENV_BIN, MasterProcess
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.process
 
@@ -303,3 +304,41 @@ def test_edge_bootstrap_refuses_limits_naming_the_flag(flag: str, value: str) ->
     assert result.stderr.startswith(f"platform edge bootstrap: {flag}: must be at least"), (
         result.stderr
     )
+
+
+def test_edge_bootstrap_writes_a_private_file_with_output(tmp_path: Path) -> None:
+    args = ("edge", "bootstrap", "--xds", "127.0.0.1:50051", "--node-id", "edge-1")
+    env = {"PLATFORM_EDGE_TOKEN": "edge-token-0123456789"}
+    printed = run_cli(*args, env=env)
+    assert printed.returncode == 0, printed.stderr
+    target = tmp_path / "bootstrap.yaml"
+    target.write_text("an older, world-readable file")
+    target.chmod(0o644)
+    written = run_cli(*args, "--output", str(target), env=env)
+    assert written.returncode == 0, written.stderr
+    assert written.stdout == ""
+    assert target.read_text() == printed.stdout
+    assert target.stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--min-seconds", "10", "--timeout", "5"], "--min-seconds: must be between 0 and"),
+        (["--timeout", "0"], "--timeout: must be more than 0"),
+        (["--admin", "nowhere"], "--admin"),
+    ],
+    ids=["wait-past-timeout", "no-timeout", "bad-admin"],
+)
+def test_edge_drain_refuses_bad_flags_naming_them(args: list[str], message: str) -> None:
+    result = run_cli("edge", "drain", *args)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"platform edge drain: {message}"), result.stderr
+
+
+def test_edge_drain_without_envoy_fails_saying_so() -> None:
+    admin = f"127.0.0.1:{free_port()}"
+    result = run_cli("edge", "drain", "--admin", admin, "--min-seconds", "0", "--timeout", "1")
+    assert result.returncode == 1
+    assert "platform edge drain: Envoy's admin API at http://127.0.0.1:" in result.stderr
+    assert "unreachable" in result.stderr

@@ -38,6 +38,8 @@ PUBLIC_PREFIX = "/challenges/"
 LISTENER_NAME = "edge_http"
 ROUTE_CONFIG_NAME = "edge_routes"
 AUTHZ_CLUSTER = "platform_authz"
+# Prefix of the listener's HTTP statistics (``http.edge.downstream_rq_active``, ...).
+STAT_PREFIX = "edge"
 
 
 def cluster_name(slug: str) -> str:

@@ -17,6 +17,10 @@ own the top-level ``envoy`` package.
 memory or domain socket, so several Envoys can run side by side), writes the
 bootstrap with mode 0600 (it holds the edge token), logs to a file, and stops
 Envoy by its PID: SIGTERM, then SIGKILL after a grace period.
+
+:func:`drain` is the other end of an Envoy's life when something else runs it (a
+Kubernetes pod's ``preStop``): it starts Envoy's graceful drain through the admin API and
+waits for the requests in flight.
 """
 
 from __future__ import annotations
@@ -31,12 +35,20 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 
 import aiohttp
 
-from master.edge.model import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_HEAP_BYTES, MIN_HEAP_BYTES
+from master.edge.model import (
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_HEAP_BYTES,
+    MIN_HEAP_BYTES,
+    STAT_PREFIX,
+)
+from platform_common.files import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -233,10 +245,7 @@ class EnvoyProcess:
         if self._work_dir is None:
             self._work_dir = Path(tempfile.mkdtemp(prefix="platform-envoy-"))
         self._work_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            os.fchmod(handle.fileno(), 0o600)
-            handle.write(self._bootstrap)
+        write_atomically(self.config_path, self._bootstrap, private=True)
         self._admin_address_path.unlink(missing_ok=True)
         self._admin = None
         args = [
@@ -305,6 +314,81 @@ class EnvoyProcess:
             return self.log_path.read_text(encoding="utf-8", errors="replace")[-chars:]
         except (OSError, RuntimeError):
             return ""
+
+
+# Requests the edge listener has in flight (a gauge of Envoy's connection manager).
+ACTIVE_REQUESTS_STAT = f"http.{STAT_PREFIX}.downstream_rq_active"
+
+
+@dataclass(frozen=True)
+class DrainResult:
+    """How a :func:`drain` ended: ``active`` requests still in flight (0: drained) after
+    ``seconds``; ``exited``: Envoy's admin API went away while waiting (Envoy stopped)."""
+
+    active: int
+    seconds: float
+    exited: bool = False
+
+    @property
+    def drained(self) -> bool:
+        return self.active == 0
+
+
+async def drain(
+    admin_url: str,
+    *,
+    min_seconds: float,
+    timeout: float,  # noqa: ASYNC109
+    poll_interval: float = 0.25,
+) -> DrainResult:
+    """Drain the edge Envoy whose admin API is ``admin_url`` and wait for its requests.
+
+    ``POST /drain_listeners?graceful`` starts Envoy's graceful drain: from then on every
+    HTTP/1.1 answer carries ``connection: close`` and HTTP/2 clients get a GOAWAY, so
+    clients reconnect elsewhere, while the listener still accepts connections until
+    Envoy's ``--drain-time-s`` ends. This then waits at least ``min_seconds`` (the time a
+    load balancer or Kubernetes needs to stop sending new clients here, who are still
+    served meanwhile) and until no request is in flight (``http.edge.downstream_rq_active``
+    is 0), at most ``timeout`` seconds in all. Raises :class:`OSError` when Envoy's admin
+    API cannot be reached to start the drain.
+    """
+    if not 0 <= min_seconds <= timeout:
+        raise ValueError("min_seconds must be between 0 and timeout")
+    started = time.monotonic()
+    stats_url = f"{admin_url}/stats"
+    query = {"filter": f"^{ACTIVE_REQUESTS_STAT.replace('.', '[.]')}$", "format": "json"}
+    client_timeout = aiohttp.ClientTimeout(total=2.0)
+    async with aiohttp.ClientSession(timeout=client_timeout) as session:
+        try:
+            async with session.post(
+                f"{admin_url}/drain_listeners", params={"graceful": ""}
+            ) as response:
+                if response.status != 200:
+                    raise OSError(
+                        f"Envoy refused the drain: HTTP {response.status} "
+                        f"{(await response.text()).strip()}"
+                    )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise OSError(f"Envoy's admin API at {admin_url} is unreachable: {exc}") from exc
+        while True:
+            elapsed = time.monotonic() - started
+            try:
+                async with session.get(stats_url, params=query) as response:
+                    response.raise_for_status()
+                    body = await response.json(content_type=None)
+            except (aiohttp.ClientConnectionError, TimeoutError):
+                # Envoy stopped (its drain time ended, or it was killed): nothing is in
+                # flight through it any more.
+                return DrainResult(active=0, seconds=elapsed, exited=True)
+            except (aiohttp.ClientError, ValueError) as exc:
+                raise OSError(f"Envoy's statistics are unreadable: {exc}") from exc
+            try:
+                active = sum(int(stat["value"]) for stat in body["stats"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise OSError(f"Envoy's statistics are unreadable: {body!r}") from exc
+            if (active == 0 and elapsed >= min_seconds) or elapsed >= timeout:
+                return DrainResult(active=active, seconds=elapsed)
+            await asyncio.sleep(poll_interval)
 
 
 def _dying_with_parent(args: list[str]) -> list[str]:

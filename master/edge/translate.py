@@ -105,6 +105,7 @@ from master.edge.model import (
     PLATFORM_ONLY_HEADERS,
     PUBLIC_PREFIX,
     ROUTE_CONFIG_NAME,
+    STAT_PREFIX,
     VERIFIED_HOTKEY_HEADER,
     EdgeChallenge,
     EdgeResources,
@@ -361,7 +362,7 @@ def _listener(settings: EdgeSettings) -> Any:
 
 def _connection_manager(settings: EdgeSettings) -> Any:
     hcm = hcm_pb2.HttpConnectionManager(
-        stat_prefix="edge",
+        stat_prefix=STAT_PREFIX,
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
         normalize_path=wrappers_pb2.BoolValue(value=True),
         merge_slashes=True,

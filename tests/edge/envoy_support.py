@@ -298,8 +298,9 @@ class UpstreamServer:
         port: int = self._server.server_address[1]
         return port
 
-    def start(self) -> UpstreamServer:
-        server = _RecordingServer(("127.0.0.1", 0), _Handler)
+    def start(self, port: int = 0) -> UpstreamServer:
+        """Serve on ``port`` (0: any free one)."""
+        server = _RecordingServer(("127.0.0.1", port), _Handler)
         server.owner = self
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, name="upstream", daemon=True)

@@ -14,6 +14,7 @@ import http.client
 import json
 import socket
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from google.protobuf import field_mask_pb2
 from prometheus_client import REGISTRY
 
 from master.edge.model import VERIFIED_HOTKEY_HEADER, VERIFIED_UID_HEADER, EdgeResources
-from master.edge.proxy import EnvoyProcess, render_bootstrap
+from master.edge.proxy import ACTIVE_REQUESTS_STAT, EnvoyProcess, drain, render_bootstrap
 from platform_common.chain import LocalSubnet
 from platform_common.chain.local import dev_keypair
 from platform_common.miner import signed_headers
@@ -228,6 +229,36 @@ async def test_a_challenge_slower_than_its_timeout_gets_a_safe_504(edge: Edge) -
     assert late.status == 504
     assert late.json() == {"error": "challenge_unavailable"}
     assert (await edge.get("/challenges/echo/slow?s=0")).status == 200
+
+
+async def _in_flight(edge: Edge) -> int:
+    """Requests Envoy's edge listener has in flight, from its admin API."""
+    url = f"{edge.envoy.admin_url}/stats?format=json&filter=^{ACTIVE_REQUESTS_STAT}$"
+
+    def read() -> int:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return sum(int(stat["value"]) for stat in json.load(response)["stats"])
+
+    return await asyncio.to_thread(read)
+
+
+async def test_drain_waits_for_the_requests_in_flight_up_to_its_timeout(edge: Edge) -> None:
+    await _activate(edge, "echo")
+    assert (await edge.until("/challenges/echo/a", lambda r: r.status == 200)).status == 200
+    slow = asyncio.create_task(edge.get("/challenges/echo/slow?s=3"))
+    deadline = time.monotonic() + CONVERGE_SECONDS
+    while await _in_flight(edge) != 1:
+        assert time.monotonic() < deadline, "the slow request never reached Envoy"
+        await asyncio.sleep(0.02)
+
+    # Past its timeout the drain gives up and says how many requests it left in flight.
+    given_up = await drain(edge.envoy.admin_url, min_seconds=0, timeout=0.2)
+    assert (given_up.active, given_up.drained, given_up.exited) == (1, False, False)
+    # Otherwise it returns once none is left, and the request was answered, not cut.
+    done = await drain(edge.envoy.admin_url, min_seconds=0, timeout=CONVERGE_SECONDS)
+    assert (done.active, done.drained, done.exited) == (0, True, False)
+    assert await _in_flight(edge) == 0
+    assert (await slow).status == 200
 
 
 async def test_envoy_keeps_the_last_config_while_the_master_is_down_then_converges(

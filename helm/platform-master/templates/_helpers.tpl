@@ -30,9 +30,38 @@ app.kubernetes.io/component: master
 {{- define "platform-master.labels" -}}
 helm.sh/chart: {{ include "platform-master.chart" . }}
 {{ include "platform-master.selectorLabels" . }}
+{{ include "platform-master.releaseLabels" . }}
+{{- end }}
+
+{{/* The edge's objects: the same release, component "edge" (the master's Service and
+PodDisruptionBudget select component "master" only). */}}
+{{- define "platform-master.edgeSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "platform-master.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: edge
+{{- end }}
+
+{{- define "platform-master.edgeLabels" -}}
+helm.sh/chart: {{ include "platform-master.chart" . }}
+{{ include "platform-master.edgeSelectorLabels" . }}
+{{ include "platform-master.releaseLabels" . }}
+{{- end }}
+
+{{- define "platform-master.releaseLabels" -}}
 app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | quote }}
 app.kubernetes.io/part-of: platform
 app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/* Name of the edge's objects (Deployment, Service, PodDisruptionBudget). */}}
+{{- define "platform-master.edgeName" -}}
+{{- printf "%s-edge" (include "platform-master.fullname" . | trunc 58 | trimSuffix "-") }}
+{{- end }}
+
+{{/* The masters' gRPC Service as Envoy reaches it (xDS and ext_authz): a fully qualified
+name, since Envoy's resolver does not apply the pod's DNS search list. */}}
+{{- define "platform-master.grpcAddress" -}}
+{{- printf "%s.%s.svc.%s:%v" (include "platform-master.fullname" .) .Release.Namespace .Values.clusterDomain .Values.service.port }}
 {{- end }}
 
 {{- define "platform-master.serviceAccountName" -}}
@@ -50,9 +79,37 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- with .Values.image.digest }}@{{ . }}{{ end }}
 {{- end }}
 
+{{/* Security context of every container: non-root, read-only root, nothing more. */}}
+{{- define "platform-master.containerSecurity" -}}
+runAsNonRoot: true
+runAsUser: {{ .Values.securityContext.runAsUser }}
+runAsGroup: {{ .Values.securityContext.runAsGroup }}
+readOnlyRootFilesystem: true
+allowPrivilegeEscalation: false
+privileged: false
+capabilities:
+  drop:
+    - ALL
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
 {{/* True when this chart makes the Secret (some secret value is given inline). */}}
 {{- define "platform-master.createSecret" -}}
-{{- if or (and .Values.adminToken.value (not .Values.adminToken.existingSecret)) (and .Values.database.url (not .Values.database.existingSecret)) (and .Values.tokenKey.value (not .Values.tokenKey.existingSecret)) }}true{{ end }}
+{{- if or (and .Values.adminToken.value (not .Values.adminToken.existingSecret)) (and .Values.database.url (not .Values.database.existingSecret)) (and .Values.tokenKey.value (not .Values.tokenKey.existingSecret)) (include "platform-master.inlineEdgeToken" .) }}true{{ end }}
+{{- end }}
+
+{{/* True when the edge is on and its token is given inline (stored in the chart's Secret). */}}
+{{- define "platform-master.inlineEdgeToken" -}}
+{{- if and .Values.edge.enabled .Values.edgeToken.value (not .Values.edgeToken.existingSecret) }}true{{ end }}
+{{- end }}
+
+{{- define "platform-master.edgeTokenSecretName" -}}
+{{- .Values.edgeToken.existingSecret | default (include "platform-master.fullname" .) }}
+{{- end }}
+
+{{- define "platform-master.edgeTokenSecretKey" -}}
+{{- if .Values.edgeToken.existingSecret }}{{ .Values.edgeToken.existingSecretKey }}{{ else }}edge-token{{ end }}
 {{- end }}
 
 {{- define "platform-master.adminTokenSecretName" -}}
@@ -99,6 +156,17 @@ image_allowlist = {{ .Values.imageAllowlist | toJson }}
 {{- $preStop := .Values.lifecycle.preStopSleepSeconds | float64 }}
 {{- if le (.Values.terminationGracePeriodSeconds | float64) (addf $grace $preStop) }}
 {{- fail (printf "terminationGracePeriodSeconds (%v) must exceed config.shutdown_grace (%v) plus lifecycle.preStopSleepSeconds (%v), or the kubelet kills the master before in-flight calls finish" .Values.terminationGracePeriodSeconds $grace $preStop) }}
+{{- end }}
+{{- if .Values.edge.enabled }}
+{{- if not (or .Values.edgeToken.value .Values.edgeToken.existingSecret) }}
+{{- fail "edgeToken: the edge is enabled, so Envoy authenticates to the masters with the edge token; give edgeToken.value or edgeToken.existingSecret (or set edge.enabled=false)" }}
+{{- end }}
+{{- if gt (.Values.edge.drain.minSeconds | float64) (.Values.edge.drain.timeoutSeconds | float64) }}
+{{- fail (printf "edge.drain.minSeconds (%v) must not exceed edge.drain.timeoutSeconds (%v)" .Values.edge.drain.minSeconds .Values.edge.drain.timeoutSeconds) }}
+{{- end }}
+{{- if le (.Values.edge.terminationGracePeriodSeconds | float64) (.Values.edge.drain.timeoutSeconds | float64) }}
+{{- fail (printf "edge.terminationGracePeriodSeconds (%v) must exceed edge.drain.timeoutSeconds (%v), or the kubelet kills Envoy while its requests drain" .Values.edge.terminationGracePeriodSeconds .Values.edge.drain.timeoutSeconds) }}
+{{- end }}
 {{- end }}
 {{- if and .Values.config.chain (not .Values.hotkey.existingSecret) }}
 {{- fail "hotkey.existingSecret: config.chain is set, so the master signs weight vectors; name the Secret holding its hotkey" }}
