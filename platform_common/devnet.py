@@ -185,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
             logs=logs,
             children=children,
         )
-        asyncio.run(_live_view(address, token, args.exit_after))
+        asyncio.run(_live_view(address, token, args.exit_after, children))
     except KeyboardInterrupt:
         pass
     except RuntimeError as exc:
@@ -422,22 +422,39 @@ Registry changes, sealed epochs and submissions appear below as they happen.
     )
 
 
-async def _live_view(address: str, token: str, exit_after: float) -> None:
+async def _live_view(address: str, token: str, exit_after: float, children: list[Child]) -> None:
+    """Print the subnet's changes until ``exit_after`` seconds (0: until interrupted), or
+    raise :class:`RuntimeError` as soon as one of ``children`` exits."""
     metadata = (("authorization", f"Bearer {token}"),)
     async with grpc.aio.insecure_channel(address) as channel:
         tasks = [
+            asyncio.create_task(_supervise(children)),
             asyncio.create_task(_watch_registry(channel, metadata)),
             asyncio.create_task(_watch_weights(channel, metadata)),
         ]
         try:
-            if exit_after:
-                await asyncio.sleep(exit_after)
-            else:
-                await asyncio.gather(*tasks)
+            done, _ = await asyncio.wait(
+                tasks, timeout=exit_after or None, return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in done:
+                task.result()
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _supervise(children: list[Child], interval: float = 0.5) -> None:
+    """Raise once a child process exits (reaping it): a dead master or chain stops the
+    subnet with its last log lines, instead of leaving the live view reconnecting."""
+    while True:
+        for child in children:
+            if child.proc is not None and child.proc.poll() is not None:
+                raise RuntimeError(
+                    f"{child.name} exited with {child.proc.returncode}; last log lines:\n"
+                    + child.tail()
+                )
+        await asyncio.sleep(interval)
 
 
 async def _watch_registry(channel: grpc.aio.Channel, metadata: Any) -> None:

@@ -105,3 +105,42 @@ def _http_get(url: str) -> tuple[int, bytes]:
             return answer.status, answer.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
+
+
+def test_dev_stops_with_the_reason_when_a_process_it_runs_dies(tmp_path: Path) -> None:
+    """A master that dies is reported with its last log lines, and the rest is stopped:
+    the live view does not go on reconnecting to nothing."""
+    import psutil
+
+    def running() -> list[psutil.Process]:
+        return [
+            p
+            for p in psutil.process_iter(["cmdline"])
+            if any(str(state) in part for part in p.info["cmdline"] or ())
+        ]
+
+    state = tmp_path / "state"
+    proc = launch(tmp_path, state, 0, validators=0)
+    seen: list[str] = []
+    out = ""
+    try:
+        read_until(proc, r"Registry changes, sealed epochs and submissions appear below", seen, 180)
+        [master] = [p for p in running() if "master" in p.info["cmdline"][:3]]
+        master.kill()
+        read_until(proc, r"platform dev: master exited with -9; last log lines:", seen, 30)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=30)
+        # The example challenges are the dead master's: its local runtime starts them
+        # without a parent-death signal, so that a master restarted on the same state
+        # adopts them, and a SIGKILLed master cannot stop them. The test does, by PID.
+        left = running()
+        for each in left:
+            each.kill()
+    assert proc.returncode == 1, "".join(seen) + out
+    assert "Stopped." in out
+    # Everything `platform dev` itself started is gone.
+    commands = [p.info["cmdline"] for p in left]
+    assert all(cmd[1].startswith("examples/challenges/") for cmd in commands), commands
