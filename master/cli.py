@@ -169,7 +169,7 @@ def run_edge_bootstrap(args: argparse.Namespace) -> int:
 
 def run_edge_drain(args: argparse.Namespace) -> int:
     from master.edge.proxy import drain
-    from platform_common.config import ConfigError, parse_host_port
+    from platform_common.config import ConfigError, join_host_port, parse_host_port
 
     try:
         host, port = parse_host_port(args.admin, "--admin")
@@ -180,7 +180,7 @@ def run_edge_drain(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"platform edge drain: {exc}", file=sys.stderr)
         return 2
-    admin = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    admin = f"http://{join_host_port(host, port)}"
     try:
         result = asyncio.run(drain(admin, min_seconds=args.min_seconds, timeout=args.timeout))
     except OSError as exc:
@@ -192,8 +192,8 @@ def run_edge_drain(args: argparse.Namespace) -> int:
         print(f"drained: no request in flight after {result.seconds:.1f} s")
     else:
         print(
-            f"platform edge drain: {result.active} requests still in flight after "
-            f"{result.seconds:.1f} s (--timeout)",
+            f"platform edge drain: requests still in flight after {result.seconds:.1f} s "
+            f"(--timeout): {result.active}",
             file=sys.stderr,
         )
         return 1

@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.devnet import dev_env, launch, left_behind, read_until, run_shell
+from tests.support.devnet import (
+    dev_env,
+    launch,
+    left_behind,
+    read_until,
+    run_shell,
+    running_from,
+)
 from tests.support.master import VENV_BIN
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,22 +117,13 @@ def _http_get(url: str) -> tuple[int, bytes]:
 def test_dev_stops_with_the_reason_when_a_process_it_runs_dies(tmp_path: Path) -> None:
     """A master that dies is reported with its last log lines, and the rest is stopped:
     the live view does not go on reconnecting to nothing."""
-    import psutil
-
-    def running() -> list[psutil.Process]:
-        return [
-            p
-            for p in psutil.process_iter(["cmdline"])
-            if any(str(state) in part for part in p.info["cmdline"] or ())
-        ]
-
     state = tmp_path / "state"
     proc = launch(tmp_path, state, 0, validators=0)
     seen: list[str] = []
     out = ""
     try:
         read_until(proc, r"Registry changes, sealed epochs and submissions appear below", seen, 180)
-        [master] = [p for p in running() if "master" in p.info["cmdline"][:3]]
+        [master] = [p for p in running_from(state) if "master" in p.info["cmdline"][:3]]
         master.kill()
         read_until(proc, r"platform dev: master exited with -9; last log lines:", seen, 30)
         out, _ = proc.communicate(timeout=60)
@@ -136,7 +134,7 @@ def test_dev_stops_with_the_reason_when_a_process_it_runs_dies(tmp_path: Path) -
         # The example challenges are the dead master's: its local runtime starts them
         # without a parent-death signal, so that a master restarted on the same state
         # adopts them, and a SIGKILLed master cannot stop them. The test does, by PID.
-        left = running()
+        left = running_from(state)
         for each in left:
             each.kill()
     assert proc.returncode == 1, "".join(seen) + out

@@ -29,7 +29,7 @@ import sys
 import time
 import tomllib
 import urllib.request
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -992,8 +992,18 @@ def test_readme_commands_render(helm: Helm) -> None:
 
 
 @pytest.fixture
+def challenge() -> Iterator[UpstreamServer]:
+    """A challenge's public API on loopback (the rendered placement points at it)."""
+    upstream = UpstreamServer().start()
+    try:
+        yield upstream
+    finally:
+        upstream.stop()
+
+
+@pytest.fixture
 def rendered_master(
-    helm: Helm, postgres_server: PostgresServer, tmp_path: Path
+    helm: Helm, postgres_server: PostgresServer, challenge: UpstreamServer, tmp_path: Path
 ) -> tuple[list[str], dict[str, str], dict[str, Obj]]:
     """The master's command, environment and pod spec as rendered for a fresh database."""
     database = f"helm_{os.getpid()}_{time.monotonic_ns()}"
@@ -1008,7 +1018,7 @@ def rendered_master(
             "adminPort": free_port(),
             "drain": {"minSeconds": 1, "timeoutSeconds": 20},
         },
-        "placement": {"alpha": {"shim": "127.0.0.1:9", "public": f"127.0.0.1:{UPSTREAM_PORT}"}},
+        "placement": {"alpha": {"shim": "127.0.0.1:9", "public": f"127.0.0.1:{challenge.port}"}},
     }
     objects = helm.render(values)
     master = container(objects)
@@ -1024,10 +1034,6 @@ def rendered_master(
         **container_env(objects),
     }
     return [str(VENV_BIN / "platform"), *localized(master["args"], files)], env, objects
-
-
-# Where the live edge test's challenge listens (its placement is rendered before it starts).
-UPSTREAM_PORT = free_port()
 
 
 def localized(args: list[str], files: dict[str, Path], **env: str) -> list[str]:
@@ -1148,7 +1154,9 @@ async def _activate(address: str, token: str, slug: str) -> None:
 @pytest.mark.postgres
 @pytest.mark.process
 def test_rendered_edge_serves_through_the_rendered_master_and_drains(
-    rendered_master: tuple[list[str], dict[str, str], dict[str, Obj]], tmp_path: Path
+    rendered_master: tuple[list[str], dict[str, str], dict[str, Obj]],
+    challenge: UpstreamServer,
+    tmp_path: Path,
 ) -> None:
     """The edge pod's commands, run as rendered: the init container writes the bootstrap,
     Envoy gets its routes from the rendered master, serves a challenge and refuses its
@@ -1165,7 +1173,6 @@ def test_rendered_edge_serves_through_the_rendered_master_and_drains(
     grpc_port = container(objects)["startupProbe"]["grpc"]["port"]
     log = tmp_path / "processes.log"
     processes: list[subprocess.Popen[bytes]] = []
-    upstream = UpstreamServer()
     with log.open("wb") as output:
         master = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=output, stderr=output)
     processes.append(master)
@@ -1187,17 +1194,16 @@ def test_rendered_edge_serves_through_the_rendered_master_and_drains(
         processes.append(proxy)
         _wait_for(lambda: _accepts(edge_port), "Envoy's listener", processes, log)
 
-        upstream.start(UPSTREAM_PORT)
         run_async(_activate(f"127.0.0.1:{grpc_port}", ci_values()["adminToken"]["value"], "alpha"))
 
         def served() -> bool:
             return raw_request(edge_port, "/challenges/alpha/hello").status == 200
 
         _wait_for(served, "the challenge's route", processes, log)
-        assert upstream.paths()[-1] == "/hello"
+        assert challenge.paths()[-1] == "/hello"
         internal = raw_request(edge_port, "/challenges/alpha/internal/v1/get_weights")
         assert internal.status == 403
-        assert upstream.paths()[-1] == "/hello"
+        assert challenge.paths()[-1] == "/hello"
 
         # A kept-alive client, then the pod's deletion: the preStop hook.
         client = http.client.HTTPConnection("127.0.0.1", edge_port, timeout=10)
@@ -1226,7 +1232,6 @@ def test_rendered_edge_serves_through_the_rendered_master_and_drains(
         proxy.wait(timeout=budget)
         assert time.monotonic() - started < budget
     finally:
-        upstream.stop()
         for proc in reversed(processes):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)

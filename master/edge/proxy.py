@@ -30,6 +30,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -48,6 +49,7 @@ from master.edge.model import (
     MIN_HEAP_BYTES,
     STAT_PREFIX,
 )
+from platform_common.config import join_host_port
 from platform_common.files import write_atomically
 
 log = logging.getLogger(__name__)
@@ -218,8 +220,7 @@ class EnvoyProcess:
     @property
     def admin(self) -> str:
         """The admin API's address, ``host:port``."""
-        host, port = self._admin_address()
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return join_host_port(*self._admin_address())
 
     @property
     def admin_url(self) -> str:
@@ -334,6 +335,26 @@ class DrainResult:
         return self.active == 0
 
 
+async def active_requests(session: aiohttp.ClientSession, admin_url: str) -> int:
+    """Requests the edge listener of the Envoy whose admin API is ``admin_url`` has in
+    flight (0 before Envoy has the listener). Raises aiohttp's connection errors and
+    :class:`TimeoutError` when Envoy is not there, :class:`OSError` on an unreadable answer.
+    """
+    query = {"filter": f"^{re.escape(ACTIVE_REQUESTS_STAT)}$", "format": "json"}
+    try:
+        async with session.get(f"{admin_url}/stats", params=query) as response:
+            response.raise_for_status()
+            body = await response.json(content_type=None)
+    except aiohttp.ClientConnectionError:
+        raise
+    except (aiohttp.ClientError, ValueError) as exc:
+        raise OSError(f"Envoy's statistics are unreadable: {exc}") from exc
+    try:
+        return sum(int(stat["value"]) for stat in body["stats"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise OSError(f"Envoy's statistics are unreadable: {body!r}") from exc
+
+
 async def drain(
     admin_url: str,
     *,
@@ -355,8 +376,6 @@ async def drain(
     if not 0 <= min_seconds <= timeout:
         raise ValueError("min_seconds must be between 0 and timeout")
     started = time.monotonic()
-    stats_url = f"{admin_url}/stats"
-    query = {"filter": f"^{ACTIVE_REQUESTS_STAT.replace('.', '[.]')}$", "format": "json"}
     client_timeout = aiohttp.ClientTimeout(total=2.0)
     async with aiohttp.ClientSession(timeout=client_timeout) as session:
         try:
@@ -373,19 +392,11 @@ async def drain(
         while True:
             elapsed = time.monotonic() - started
             try:
-                async with session.get(stats_url, params=query) as response:
-                    response.raise_for_status()
-                    body = await response.json(content_type=None)
+                active = await active_requests(session, admin_url)
             except (aiohttp.ClientConnectionError, TimeoutError):
                 # Envoy stopped (its drain time ended, or it was killed): nothing is in
                 # flight through it any more.
                 return DrainResult(active=0, seconds=elapsed, exited=True)
-            except (aiohttp.ClientError, ValueError) as exc:
-                raise OSError(f"Envoy's statistics are unreadable: {exc}") from exc
-            try:
-                active = sum(int(stat["value"]) for stat in body["stats"])
-            except (KeyError, TypeError, ValueError) as exc:
-                raise OSError(f"Envoy's statistics are unreadable: {body!r}") from exc
             if (active == 0 and elapsed >= min_seconds) or elapsed >= timeout:
                 return DrainResult(active=active, seconds=elapsed)
             await asyncio.sleep(poll_interval)

@@ -13,26 +13,27 @@ import contextlib
 import http.client
 import json
 import socket
+import subprocess
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from google.protobuf import field_mask_pb2
 from prometheus_client import REGISTRY
 
 from master.edge.model import VERIFIED_HOTKEY_HEADER, VERIFIED_UID_HEADER, EdgeResources
-from master.edge.proxy import ACTIVE_REQUESTS_STAT, EnvoyProcess, drain, render_bootstrap
+from master.edge.proxy import EnvoyProcess, active_requests, drain, render_bootstrap
 from platform_common.chain import LocalSubnet
 from platform_common.chain.local import dev_keypair
 from platform_common.miner import signed_headers
 from platform_network.v1 import registry_pb2
 from tests.edge.envoy_support import RawResponse, UpstreamServer, raw_request
 from tests.helpers import ACTIVE, INACTIVE, create, set_status
-from tests.support.master import ADMIN, RunningMaster, start_master
+from tests.support.master import ADMIN, VENV_BIN, RunningMaster, start_master
 from tests.support.ports import free_port
 
 pytestmark = pytest.mark.process
@@ -232,14 +233,8 @@ async def test_a_challenge_slower_than_its_timeout_gets_a_safe_504(edge: Edge) -
 
 
 async def _in_flight(edge: Edge) -> int:
-    """Requests Envoy's edge listener has in flight, from its admin API."""
-    url = f"{edge.envoy.admin_url}/stats?format=json&filter=^{ACTIVE_REQUESTS_STAT}$"
-
-    def read() -> int:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return sum(int(stat["value"]) for stat in json.load(response)["stats"])
-
-    return await asyncio.to_thread(read)
+    async with aiohttp.ClientSession() as session:
+        return await active_requests(session, edge.envoy.admin_url)
 
 
 async def test_drain_waits_for_the_requests_in_flight_up_to_its_timeout(edge: Edge) -> None:
@@ -252,8 +247,15 @@ async def test_drain_waits_for_the_requests_in_flight_up_to_its_timeout(edge: Ed
         await asyncio.sleep(0.02)
 
     # Past its timeout the drain gives up and says how many requests it left in flight.
-    given_up = await drain(edge.envoy.admin_url, min_seconds=0, timeout=0.2)
-    assert (given_up.active, given_up.drained, given_up.exited) == (1, False, False)
+    given_up = await asyncio.to_thread(
+        subprocess.run,
+        [str(VENV_BIN / "platform"), "edge", "drain", "--admin", edge.envoy.admin,
+         "--min-seconds", "0", "--timeout", "0.2"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert given_up.returncode == 1, given_up.stderr
+    assert given_up.stderr.startswith("platform edge drain: requests still in flight after")
+    assert given_up.stderr.endswith("(--timeout): 1\n"), given_up.stderr
     # Otherwise it returns once none is left, and the request was answered, not cut.
     done = await drain(edge.envoy.admin_url, min_seconds=0, timeout=CONVERGE_SECONDS)
     assert (done.active, done.drained, done.exited) == (0, True, False)

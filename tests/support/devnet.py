@@ -10,6 +10,8 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
+
 from tests.support.master import VENV_BIN
 
 
@@ -73,15 +75,19 @@ def read_until(
     raise AssertionError(f"{pattern!r} not printed within {within:g} s; got:\n{''.join(seen)}")
 
 
-def left_behind(state: Path) -> list[list[str]]:
-    """Command lines of processes still running from the state directory ``state``."""
-    import psutil
-
+def running_from(state: Path) -> list[psutil.Process]:
+    """Processes still running from the state directory ``state`` (named in their command
+    line); each with its ``info["cmdline"]``."""
     return [
-        p.info["cmdline"]
+        p
         for p in psutil.process_iter(["cmdline"])
         if any(str(state) in part for part in p.info["cmdline"] or ())
     ]
+
+
+def left_behind(state: Path) -> list[list[str]]:
+    """Command lines of processes still running from the state directory ``state``."""
+    return [p.info["cmdline"] for p in running_from(state)]
 
 
 def run_shell(script: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:

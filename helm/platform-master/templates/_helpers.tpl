@@ -79,6 +79,36 @@ name, since Envoy's resolver does not apply the pod's DNS search list. */}}
 {{- with .Values.image.digest }}@{{ . }}{{ end }}
 {{- end }}
 
+{{/* Security context of every pod. */}}
+{{- define "platform-master.podSecurity" -}}
+runAsNonRoot: true
+runAsUser: {{ .Values.securityContext.runAsUser }}
+runAsGroup: {{ .Values.securityContext.runAsGroup }}
+fsGroup: {{ .Values.securityContext.fsGroup }}
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/* A pod's topologySpreadConstraints: the given ones, else (spread) one pod per node as
+far as possible, among the pods with the given selector labels of this revision. Empty
+when neither. Arguments: a dict with "constraints", "spread" and "labels". */}}
+{{- define "platform-master.topologySpread" -}}
+{{- if .constraints -}}
+topologySpreadConstraints:
+  {{- toYaml .constraints | nindent 2 }}
+{{- else if .spread -}}
+topologySpreadConstraints:
+  - maxSkew: 1
+    topologyKey: kubernetes.io/hostname
+    whenUnsatisfiable: ScheduleAnyway
+    labelSelector:
+      matchLabels:
+        {{- .labels | nindent 8 }}
+    matchLabelKeys:
+      - pod-template-hash
+{{- end }}
+{{- end }}
+
 {{/* Security context of every container: non-root, read-only root, nothing more. */}}
 {{- define "platform-master.containerSecurity" -}}
 runAsNonRoot: true
