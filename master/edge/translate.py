@@ -157,10 +157,10 @@ SEGMENT_CONTINUATIONS = (";", ".", "%")
 # overlong or invalid UTF-8 (``%c0%ae`` is an overlong "."), which are refused here, as is any
 # encoded unreserved character that survives normalization (none should). Also refused:
 # encoded control characters anywhere (``%00``-``%1F``, ``%7F``: servers truncate at NUL or
-# trim them), and a segment that starts with whitespace, with ``;`` or with three dots,
-# because servers that trim whitespace and trailing dots or drop matrix parameters turn
-# ``/ /internal``, ``/;x/internal`` or ``/.../internal`` into ``//internal``, which they then
-# merge into ``/internal`` after the edge routed it as public.
+# trim them), and a segment that starts with whitespace, with ``;`` or ``%3b`` or with three
+# dots, because servers that trim whitespace and trailing dots or drop matrix parameters (some
+# after decoding them) turn ``/ /internal``, ``/%3bx/internal`` or ``/.../internal`` into
+# ``//internal``, which they then merge into ``/internal`` after the edge routed it as public.
 # RE2 syntax, matched against the whole normalized path (no query); kept small for Envoy's
 # RE2 program size limit.
 NON_CANONICAL_PATH_REGEX = (
@@ -168,7 +168,7 @@ NON_CANONICAL_PATH_REGEX = (
     r"|[46][1-9a-fA-F]|[57][0-9aA]|3[0-9]|2[dDeE]|5[fF]|7[eE]"
     r"|[cC][01]|[eE]0%[89]|[fF]0%8|[fF][5-9a-fA-F]"
     r"|[^0-9a-fA-F]|[0-9a-fA-F][^0-9a-fA-F]|[0-9a-fA-F]?$)"
-    r"|/(?:%20|;|[ \t]|\.\.\.)).*"
+    r"|/(?:%20|;|%3[bB]|[ \t]|\.\.\.)).*"
 )
 
 ACCESS_LOG_FORMAT: Mapping[str, str] = {

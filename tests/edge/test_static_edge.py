@@ -500,6 +500,8 @@ _BYPASS_SUFFIXES = (
     "/%zzinternal/../internal",
     "/;/internal",
     "/;jsessionid=1/INTERNAL",
+    "/%3b/internal",
+    "/%3Bjsessionid=1/debug..",
     "/%20/internal",
     "/%20%20/health;x",
     "/%09internal",
