@@ -30,7 +30,9 @@ from typing import Any
 import grpc
 
 from platform_common.files import write_atomically
-from platform_common.runtime.local import free_ports
+from platform_common.runtime import images
+from platform_common.runtime.interface import RuntimeBusy
+from platform_common.runtime.local import RECORD, LocalRuntime, free_ports
 from platform_network.v1 import registry_pb2, registry_pb2_grpc, weights_pb2, weights_pb2_grpc
 
 STATE_DIR = Path(".dev")
@@ -194,8 +196,37 @@ def run(args: argparse.Namespace) -> int:
     finally:
         for child in reversed(children):
             child.stop()
+        left = _stop_left_challenges(state / "runtime")
+        if left:
+            print(f"Stopped the challenge instances the master left: {', '.join(left)}.")
         print("Stopped.", flush=True)
     return 0
+
+
+def _stop_left_challenges(runtime_dir: Path) -> list[str]:
+    """Stop the challenge instances a master left in its runtime directory; their slugs.
+
+    A master that stops cleanly stops its challenges and removes their records, so there
+    is nothing to do. One that died could not: its local runtime starts challenges without
+    a parent-death signal, so that a master restarted on the same state adopts them. Here
+    the whole subnet is going away, so nothing will adopt them; the runtime, opened on the
+    dead master's directory with nothing desired, stops every recorded instance."""
+    slugs = sorted(p.parent.name for p in runtime_dir.glob(f"challenges/*/{RECORD}"))
+    if not slugs:
+        return []
+    try:
+        runtime = LocalRuntime(runtime_dir, images.load(IMAGES))
+    except RuntimeBusy:
+        return []  # the master still holds it: it is alive, and stops them itself
+    asyncio.run(_stop_all(runtime))
+    return slugs
+
+
+async def _stop_all(runtime: LocalRuntime) -> None:
+    try:
+        await runtime.adopt(())
+    finally:
+        await runtime.close()
 
 
 def _secret(path: Path, value: str) -> str:

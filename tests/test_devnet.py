@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import signal
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from platform_common.runtime.local import RECORD
 from tests.support.devnet import (
     dev_env,
     launch,
@@ -21,6 +23,7 @@ from tests.support.devnet import (
     running_from,
 )
 from tests.support.master import VENV_BIN
+from tests.support.waiting import eventually
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -123,6 +126,12 @@ def test_dev_stops_with_the_reason_when_a_process_it_runs_dies(tmp_path: Path) -
     out = ""
     try:
         read_until(proc, r"Registry changes, sealed epochs and submissions appear below", seen, 180)
+        records = [state / "runtime" / "challenges" / slug / RECORD for slug in ("http", "native")]
+
+        async def both_examples_recorded() -> bool:
+            return all(path.exists() for path in records)
+
+        asyncio.run(eventually(both_examples_recorded, "both example challenges running", 120))
         [master] = [p for p in running_from(state) if "master" in p.info["cmdline"][:3]]
         master.kill()
         read_until(proc, r"platform dev: master exited with -9; last log lines:", seen, 30)
@@ -131,14 +140,13 @@ def test_dev_stops_with_the_reason_when_a_process_it_runs_dies(tmp_path: Path) -
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
             proc.communicate(timeout=30)
-        # The example challenges are the dead master's: its local runtime starts them
-        # without a parent-death signal, so that a master restarted on the same state
-        # adopts them, and a SIGKILLed master cannot stop them. The test does, by PID.
         left = running_from(state)
         for each in left:
             each.kill()
     assert proc.returncode == 1, "".join(seen) + out
+    # Nothing is left: not what `platform dev` started itself, nor the example challenges,
+    # which the dead master's local runtime started without a parent-death signal (so that
+    # a restarted master adopts them) and a SIGKILLed master cannot stop.
+    assert [p.info["cmdline"] for p in left] == []
+    assert "Stopped the challenge instances the master left: http, native." in out
     assert "Stopped." in out
-    # Everything `platform dev` itself started is gone.
-    commands = [p.info["cmdline"] for p in left]
-    assert all(cmd[1].startswith("examples/challenges/") for cmd in commands), commands
