@@ -14,6 +14,8 @@ import http.client
 import json
 import random
 import socket
+import subprocess
+import time
 import urllib.parse
 from collections import Counter
 from collections.abc import Iterator
@@ -41,6 +43,7 @@ from tests.edge.envoy_support import (
     raw_request,
     raw_request_bytes,
 )
+from tests.support.master import VENV_BIN
 from tests.support.ports import free_port
 
 BODY_LIMIT = 1024
@@ -436,6 +439,41 @@ def test_a_stream_is_cut_when_the_challenges_timeout_ends(tmp_path: Path) -> Non
         assert f"data: event-{last}".encode() not in received
     finally:
         upstream.stop()
+
+
+def test_a_drain_ends_when_envoy_stops(tmp_path: Path) -> None:
+    """``platform edge drain`` (the chart's preStop hook) returns 0 once Envoy is gone, even
+    inside its --min-seconds wait: nothing can be in flight through a stopped Envoy."""
+    upstream = UpstreamServer().start()
+    try:
+        settings = EdgeSettings(
+            listen_port=free_port(), authz_port=free_port(), edge_token=EDGE_TOKEN
+        )
+        with _run_edge(EdgeState(settings=settings, challenges=()), tmp_path, upstream) as edge:
+            assert "connection" not in edge.get("/nowhere").headers
+            admin = f"{edge.envoy.admin_host}:{edge.envoy.admin_port}"
+            draining = subprocess.Popen(
+                [str(VENV_BIN / "platform"), "edge", "drain", "--admin", admin,
+                 "--min-seconds", "60", "--timeout", "120"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            try:
+                # Draining: Envoy closes every connection after its answer.
+                deadline = time.monotonic() + 30
+                while edge.get("/nowhere").headers.get("connection") != "close":
+                    assert draining.poll() is None, draining.communicate()
+                    assert time.monotonic() < deadline, "Envoy never started draining"
+                    time.sleep(0.05)
+                edge.envoy.stop()
+                out, err = draining.communicate(timeout=30)
+            finally:
+                if draining.poll() is None:
+                    draining.kill()
+                    draining.wait()
+    finally:
+        upstream.stop()
+    assert draining.returncode == 0, err
+    assert out.startswith("drained: Envoy stopped after "), out
 
 
 # ---------------------------------------------------------------------------------------------
