@@ -727,9 +727,9 @@ def _generated_bypass_targets(count: int, seed: int = 20261122) -> list[str]:
     return targets
 
 
-def test_generated_spellings_never_reach_the_upstream_as_internal(edge: Edge) -> None:
-    targets = _generated_bypass_targets(400)
-    assert len(set(targets)) > 350
+def _send_all(edge: Edge, targets: list[str]) -> tuple[list[tuple[str, list[str]]], Counter[int]]:
+    """Each target as one request: the ones whose upstream request looked internal (with
+    what the upstream received), and how often each status was answered."""
     reached: list[tuple[str, list[str]]] = []
     statuses: Counter[int] = Counter()
     for target in targets:
@@ -739,9 +739,54 @@ def test_generated_spellings_never_reach_the_upstream_as_internal(edge: Edge) ->
         received = edge.upstream.paths()[before:]
         if any(_looks_internal(path) for path in received):
             reached.append((target, received))
+    return reached, statuses
+
+
+def test_generated_spellings_never_reach_the_upstream_as_internal(edge: Edge) -> None:
+    targets = _generated_bypass_targets(400)
+    assert len(set(targets)) > 350
+    reached, statuses = _send_all(edge, targets)
     assert reached == []
     # Every kind of answer occurs: refusals of each sort, and spellings the edge routes to
     # public paths, so the check above looked at real upstream traffic too.
+    assert {200, 400, 403, 404} <= set(statuses), statuses
+
+
+# Mutated spellings: the plain route with one to three tokens inserted anywhere after
+# ``/challenges`` and a few letters case-flipped or percent-encoded. Closer to the plain route
+# than the generated ones above, so more of them reach the upstream. Seeded.
+_MUTATION_TOKENS = (
+    *("/", "//", "/./", "/../", "/x/../", "/;/", "/%3b/", "/%3Bx/", "/.;/", "/..;/", "/%20/"),
+    *(";", ";a", "%3b", "%3B", ".", "..", "%2e", "%2E", "%2e%2e", "..;", "~", "%7e"),
+    *(" ", "%20", "\t", "%09", "%00", "%0d%0a", "%2f", "%2F", "%5c", "\\", "?", "#"),
+    *("%3f", "%23", "%25", "+", "%2b", "&", "=", ",", ":", "%3a", "@", "!", "$", "*"),
+    *("%c0%af", "%c0%ae", "%ef%bc%8f", "%e2%80%8b", "%c2%a0", "%ff", "%u0069"),
+)
+
+
+def _mutated_bypass_targets(count: int, seed: int = 7919) -> list[str]:
+    rng = random.Random(seed)
+    targets = []
+    for _ in range(count):
+        target = "/challenges/open/" + rng.choice(sorted(BLOCKED_NAMES))
+        for _ in range(rng.randint(1, 3)):
+            at = rng.randint(len("/challenges"), len(target))
+            target = target[:at] + rng.choice(_MUTATION_TOKENS) + target[at:]
+        for _ in range(rng.randint(0, 2)):
+            at = rng.randrange(len(target))
+            char = target[at]
+            if char.isalpha():
+                spelled = rng.choice((char.swapcase(), f"%{ord(char):02x}", f"%{ord(char):02X}"))
+                target = target[:at] + spelled + target[at + 1 :]
+        targets.append(target)
+    return targets
+
+
+def test_mutated_spellings_never_reach_the_upstream_as_internal(edge: Edge) -> None:
+    targets = _mutated_bypass_targets(1000)
+    assert len(set(targets)) > 900
+    reached, statuses = _send_all(edge, targets)
+    assert reached == []
     assert {200, 400, 403, 404} <= set(statuses), statuses
 
 
