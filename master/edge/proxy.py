@@ -370,8 +370,10 @@ async def drain(
     Envoy's ``--drain-time-s`` ends. This then waits at least ``min_seconds`` (the time a
     load balancer or Kubernetes needs to stop sending new clients here, who are still
     served meanwhile) and until no request is in flight (``http.edge.downstream_rq_active``
-    is 0), at most ``timeout`` seconds in all. Raises :class:`OSError` when Envoy's admin
-    API cannot be reached to start the drain.
+    is 0), at most ``timeout`` seconds in all. Envoy's admin API refusing or dropping the
+    connection means Envoy stopped (``exited``); one that is slow to answer (a busy,
+    CPU-throttled Envoy) is still waited for. Raises :class:`OSError` when the admin API
+    cannot be reached to start the drain, or answered no poll until the timeout.
     """
     if not 0 <= min_seconds <= timeout:
         raise ValueError("min_seconds must be between 0 and timeout")
@@ -391,13 +393,22 @@ async def drain(
             raise OSError(f"Envoy's admin API at {admin_url} is unreachable: {exc}") from exc
         while True:
             elapsed = time.monotonic() - started
+            active: int | None
             try:
                 active = await active_requests(session, admin_url)
-            except (aiohttp.ClientConnectionError, TimeoutError):
-                # Envoy stopped (its drain time ended, or it was killed): nothing is in
-                # flight through it any more.
+            except TimeoutError:
+                # Not an answer, and not a stopped Envoy either (aiohttp's timeouts are
+                # connection errors too, so this comes first).
+                active = None
+            except aiohttp.ClientConnectionError:
+                # Envoy stopped (killed, or stopped by its owner): nothing is in flight
+                # through it any more.
                 return DrainResult(active=0, seconds=elapsed, exited=True)
-            if (active == 0 and elapsed >= min_seconds) or elapsed >= timeout:
+            if active == 0 and elapsed >= min_seconds:
+                return DrainResult(active=0, seconds=elapsed)
+            if elapsed >= timeout:
+                if active is None:
+                    raise OSError(f"Envoy's admin API at {admin_url} stopped answering")
                 return DrainResult(active=active, seconds=elapsed)
             await asyncio.sleep(poll_interval)
 

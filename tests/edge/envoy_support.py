@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -72,12 +73,14 @@ class StaticEnvoy:
     """An Envoy process on a bootstrap dict, stopped by its PID.
 
     The admin address is read from the bootstrap; ``start`` returns once the admin's
-    ``/ready`` answers ``LIVE`` (listeners bound), or raises with the log's tail.
+    ``/ready`` answers ``LIVE`` (listeners bound), or raises with the log's tail. ``args``
+    are more command-line options.
     """
 
-    def __init__(self, bootstrap: dict[str, Any], workdir: Path) -> None:
+    def __init__(self, bootstrap: dict[str, Any], workdir: Path, args: Sequence[str] = ()) -> None:
         self.bootstrap = bootstrap
         self.workdir = workdir
+        self.args = list(args)
         admin = bootstrap["admin"]["address"]["socket_address"]
         self.admin_host: str = admin["address"]
         self.admin_port: int = int(admin["port_value"])
@@ -100,6 +103,7 @@ class StaticEnvoy:
                     str(self.log_path),
                     "--concurrency",
                     "1",
+                    *self.args,
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=stdout,

@@ -13,12 +13,13 @@ import contextlib
 import http.client
 import json
 import random
+import signal
 import socket
 import subprocess
 import time
 import urllib.parse
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,9 +88,11 @@ class Edge:
 
 
 @contextlib.contextmanager
-def _run_edge(state: EdgeState, workdir: Path, upstream: UpstreamServer) -> Iterator[Edge]:
+def _run_edge(
+    state: EdgeState, workdir: Path, upstream: UpstreamServer, envoy_args: Sequence[str] = ()
+) -> Iterator[Edge]:
     bootstrap = static_bootstrap(translate(state), admin_host="127.0.0.1", admin_port=free_port())
-    envoy = StaticEnvoy(bootstrap, workdir)
+    envoy = StaticEnvoy(bootstrap, workdir, envoy_args)
     envoy.start()
     try:
         yield Edge(envoy, upstream, state.settings.listen_port)
@@ -97,28 +100,44 @@ def _run_edge(state: EdgeState, workdir: Path, upstream: UpstreamServer) -> Iter
         envoy.stop()
 
 
-@pytest.fixture(scope="module")
-def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
+@contextlib.contextmanager
+def _edge_with_upstream(
+    workdir: Path,
+    challenges: Callable[[int], tuple[EdgeChallenge, ...]],
+    envoy_args: Sequence[str] = (),
+    **settings: Any,
+) -> Iterator[Edge]:
+    """An edge in front of a new recording upstream, with ``challenges(upstream_port)``;
+    ``envoy_args`` are more Envoy options, ``settings`` more :class:`EdgeSettings` fields.
+    Unless ``authz_port`` is among them, nothing listens on the authz port: signed routes
+    must fail closed."""
     upstream = UpstreamServer().start()
     try:
-        up = ("127.0.0.1", upstream.port)
+        fields: dict[str, Any] = {"authz_port": free_port(), **settings}
         state = EdgeState(
-            # Nothing listens on the authz port: signed routes must fail closed.
-            settings=EdgeSettings(
-                listen_port=free_port(), authz_port=free_port(), edge_token=EDGE_TOKEN
-            ),
-            challenges=(
-                EdgeChallenge("open", *up, _limits(), blocked_path_prefixes=CUSTOM_BLOCKED),
-                EdgeChallenge("limited", *up, _limits(ip=IP_LIMIT)),
-                EdgeChallenge("down", "127.0.0.1", free_port(), _limits()),
-                EdgeChallenge("signed", *up, _limits(), signed_path_prefixes=("/",)),
-                EdgeChallenge("partial", *up, _limits(), signed_path_prefixes=("/submit",)),
-            ),
+            settings=EdgeSettings(listen_port=free_port(), edge_token=EDGE_TOKEN, **fields),
+            challenges=challenges(upstream.port),
         )
-        with _run_edge(state, tmp_path_factory.mktemp("static-edge"), upstream) as edge:
+        with _run_edge(state, workdir, upstream, envoy_args) as edge:
             yield edge
     finally:
         upstream.stop()
+
+
+@pytest.fixture(scope="module")
+def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
+    def challenges(port: int) -> tuple[EdgeChallenge, ...]:
+        up = ("127.0.0.1", port)
+        return (
+            EdgeChallenge("open", *up, _limits(), blocked_path_prefixes=CUSTOM_BLOCKED),
+            EdgeChallenge("limited", *up, _limits(ip=IP_LIMIT)),
+            EdgeChallenge("down", "127.0.0.1", free_port(), _limits()),
+            EdgeChallenge("signed", *up, _limits(), signed_path_prefixes=("/",)),
+            EdgeChallenge("partial", *up, _limits(), signed_path_prefixes=("/submit",)),
+        )
+
+    with _edge_with_upstream(tmp_path_factory.mktemp("static-edge"), challenges) as edge:
+        yield edge
 
 
 def _json(response: RawResponse) -> object:
@@ -282,23 +301,13 @@ def test_a_forwarded_for_header_does_not_change_the_client_address(edge: Edge) -
 @pytest.fixture(scope="module")
 def proxied_edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
     """The edge behind one load balancer (``trusted_proxies=1``)."""
-    upstream = UpstreamServer().start()
-    try:
-        state = EdgeState(
-            settings=EdgeSettings(
-                listen_port=free_port(),
-                authz_port=free_port(),
-                edge_token=EDGE_TOKEN,
-                trusted_proxies=1,
-            ),
-            challenges=(
-                EdgeChallenge("limited", "127.0.0.1", upstream.port, _limits(ip=IP_LIMIT)),
-            ),
-        )
-        with _run_edge(state, tmp_path_factory.mktemp("proxied-edge"), upstream) as edge:
-            yield edge
-    finally:
-        upstream.stop()
+
+    def limited(port: int) -> tuple[EdgeChallenge, ...]:
+        return (EdgeChallenge("limited", "127.0.0.1", port, _limits(ip=IP_LIMIT)),)
+
+    workdir = tmp_path_factory.mktemp("proxied-edge")
+    with _edge_with_upstream(workdir, limited, trusted_proxies=1) as edge:
+        yield edge
 
 
 def test_behind_a_trusted_proxy_the_limit_keys_on_the_forwarded_client(
@@ -411,69 +420,99 @@ def test_server_sent_events_stream_through_unbuffered(edge: Edge) -> None:
 def test_a_stream_is_cut_when_the_challenges_timeout_ends(tmp_path: Path) -> None:
     """The route timeout covers the whole answer, streamed or not (docs/miners.md): a
     stream still open when it ends is cut, and what the upstream holds back never arrives."""
-    upstream = UpstreamServer().start()
-    try:
-        limits = _limits(timeout=1)
-        state = EdgeState(
-            settings=EdgeSettings(
-                listen_port=free_port(), authz_port=free_port(), edge_token=EDGE_TOKEN
-            ),
-            challenges=(EdgeChallenge("brief", "127.0.0.1", upstream.port, limits),),
-        )
-        with _run_edge(state, tmp_path, upstream) as edge:
-            connection, response = _open_events(edge, "brief")
-            try:
-                received = b""
-                # Never releasing the last event: the stream must end on Envoy's timeout,
-                # well before the upstream's own bound on holding it back.
-                with contextlib.suppress(http.client.IncompleteRead, ConnectionError):
-                    while chunk := response.read1(65536):
-                        received += chunk
-                cut_before_the_last_event = not upstream.sse_last_sent.is_set()
-            finally:
-                upstream.sse_release.set()
-                connection.close()
-        assert b"data: event-0\n\n" in received
-        assert cut_before_the_last_event
-        last = UpstreamServer.SSE_EVENTS - 1
-        assert f"data: event-{last}".encode() not in received
-    finally:
-        upstream.stop()
+
+    def brief(port: int) -> tuple[EdgeChallenge, ...]:
+        return (EdgeChallenge("brief", "127.0.0.1", port, _limits(timeout=1)),)
+
+    with _edge_with_upstream(tmp_path, brief) as edge:
+        upstream = edge.upstream
+        connection, response = _open_events(edge, "brief")
+        try:
+            received = b""
+            # Never releasing the last event: the stream must end on Envoy's timeout,
+            # well before the upstream's own bound on holding it back.
+            with contextlib.suppress(http.client.IncompleteRead, ConnectionError):
+                while chunk := response.read1(65536):
+                    received += chunk
+            cut_before_the_last_event = not upstream.sse_last_sent.is_set()
+        finally:
+            upstream.sse_release.set()
+            connection.close()
+    assert b"data: event-0\n\n" in received
+    assert cut_before_the_last_event
+    last = UpstreamServer.SSE_EVENTS - 1
+    assert f"data: event-{last}".encode() not in received
+
+
+@contextlib.contextmanager
+def _draining(
+    workdir: Path, min_seconds: float, timeout: float
+) -> Iterator[tuple[Edge, subprocess.Popen[str]]]:
+    """A real Envoy (no challenges) being drained by the real ``platform edge drain``; yields
+    once Envoy is seen draining (its answers carry ``connection: close``). The caller waits
+    for the command; it is killed if still running on the way out. Envoy drains as the
+    chart runs it: every answer closes its connection from the start (Envoy's default,
+    ``gradual``, closes a growing share of them over ``--drain-time-s``)."""
+    immediate = ("--drain-strategy", "immediate")
+    with _edge_with_upstream(workdir, lambda port: (), immediate) as edge:
+        assert "connection" not in edge.get("/nowhere").headers
+        admin = f"{edge.envoy.admin_host}:{edge.envoy.admin_port}"
+        draining = subprocess.Popen(
+            [str(VENV_BIN / "platform"), "edge", "drain", "--admin", admin,
+             "--min-seconds", str(min_seconds), "--timeout", str(timeout)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 30
+            while edge.get("/nowhere").headers.get("connection") != "close":
+                assert draining.poll() is None, draining.communicate()
+                assert time.monotonic() < deadline, "Envoy never started draining"
+                time.sleep(0.05)
+            yield edge, draining
+        finally:
+            if draining.poll() is None:
+                draining.kill()
+                draining.wait()
 
 
 def test_a_drain_ends_when_envoy_stops(tmp_path: Path) -> None:
     """``platform edge drain`` (the chart's preStop hook) returns 0 once Envoy is gone, even
     inside its --min-seconds wait: nothing can be in flight through a stopped Envoy."""
-    upstream = UpstreamServer().start()
-    try:
-        settings = EdgeSettings(
-            listen_port=free_port(), authz_port=free_port(), edge_token=EDGE_TOKEN
-        )
-        with _run_edge(EdgeState(settings=settings, challenges=()), tmp_path, upstream) as edge:
-            assert "connection" not in edge.get("/nowhere").headers
-            admin = f"{edge.envoy.admin_host}:{edge.envoy.admin_port}"
-            draining = subprocess.Popen(
-                [str(VENV_BIN / "platform"), "edge", "drain", "--admin", admin,
-                 "--min-seconds", "60", "--timeout", "120"],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            )  # fmt: skip
-            try:
-                # Draining: Envoy closes every connection after its answer.
-                deadline = time.monotonic() + 30
-                while edge.get("/nowhere").headers.get("connection") != "close":
-                    assert draining.poll() is None, draining.communicate()
-                    assert time.monotonic() < deadline, "Envoy never started draining"
-                    time.sleep(0.05)
-                edge.envoy.stop()
-                out, err = draining.communicate(timeout=30)
-            finally:
-                if draining.poll() is None:
-                    draining.kill()
-                    draining.wait()
-    finally:
-        upstream.stop()
+    with _draining(tmp_path, min_seconds=60, timeout=120) as (edge, draining):
+        edge.envoy.stop()
+        out, err = draining.communicate(timeout=30)
     assert draining.returncode == 0, err
     assert out.startswith("drained: Envoy stopped after "), out
+
+
+def test_a_drain_waits_for_an_envoy_slow_to_answer(tmp_path: Path) -> None:
+    """An Envoy that does not answer for a while (here: stopped with SIGSTOP, so that its
+    sockets still accept) is not taken for a stopped one: the drain keeps waiting."""
+    with _draining(tmp_path, min_seconds=8, timeout=60) as (edge, draining):
+        assert edge.envoy.process is not None
+        edge.envoy.process.send_signal(signal.SIGSTOP)
+        try:
+            # Longer than the drain's 2 s per poll: at least one poll times out.
+            time.sleep(3)
+            assert draining.poll() is None, draining.communicate()
+        finally:
+            edge.envoy.process.send_signal(signal.SIGCONT)
+        out, err = draining.communicate(timeout=30)
+    assert draining.returncode == 0, err
+    assert out.startswith("drained: no request in flight after "), out
+
+
+def test_a_drain_fails_when_envoy_answers_nothing_until_its_timeout(tmp_path: Path) -> None:
+    with _draining(tmp_path, min_seconds=4, timeout=4) as (edge, draining):
+        assert edge.envoy.process is not None
+        edge.envoy.process.send_signal(signal.SIGSTOP)
+        try:
+            out, err = draining.communicate(timeout=30)
+        finally:
+            edge.envoy.process.send_signal(signal.SIGCONT)
+    assert draining.returncode == 1, out
+    assert err.startswith("platform edge drain: Envoy's admin API at http://127.0.0.1:"), err
+    assert err.endswith(" stopped answering\n"), err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -806,25 +845,17 @@ def _authz_edge(
 ) -> Iterator[tuple[Edge, StubAuthz]]:
     """An edge whose ext_authz is a :class:`StubAuthz`, with one challenge ``slug`` whose
     ``/submit`` is signed; ``settings`` are more :class:`EdgeSettings` fields."""
-    upstream = UpstreamServer().start()
+
+    def signed(port: int) -> tuple[EdgeChallenge, ...]:
+        return (EdgeChallenge(slug, "127.0.0.1", port, limits, signed_path_prefixes=("/submit",)),)
+
     authz = StubAuthz()
     try:
         authz.start()
-        state = EdgeState(
-            settings=EdgeSettings(
-                listen_port=free_port(), authz_port=authz.port, edge_token=EDGE_TOKEN, **settings
-            ),
-            challenges=(
-                EdgeChallenge(
-                    slug, "127.0.0.1", upstream.port, limits, signed_path_prefixes=("/submit",)
-                ),
-            ),
-        )
-        with _run_edge(state, workdir, upstream) as edge:
+        with _edge_with_upstream(workdir, signed, authz_port=authz.port, **settings) as edge:
             yield edge, authz
     finally:
         authz.stop()
-        upstream.stop()
 
 
 @pytest.fixture(scope="module")
@@ -957,23 +988,17 @@ CLOSE_WAIT_S = 15.0
 @pytest.fixture(scope="module")
 def strict_edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
     """The edge with short header and idle timeouts (the defaults are 10 s and 5 min)."""
-    upstream = UpstreamServer().start()
-    try:
-        limits = _limits(body=LARGE_BODY_LIMIT)
-        state = EdgeState(
-            settings=EdgeSettings(
-                listen_port=free_port(),
-                authz_port=free_port(),
-                edge_token=EDGE_TOKEN,
-                request_headers_timeout_ms=HEADERS_TIMEOUT_MS,
-                idle_timeout_ms=IDLE_TIMEOUT_MS,
-            ),
-            challenges=(EdgeChallenge("big", "127.0.0.1", upstream.port, limits),),
-        )
-        with _run_edge(state, tmp_path_factory.mktemp("strict-edge"), upstream) as edge:
-            yield edge
-    finally:
-        upstream.stop()
+
+    def big(port: int) -> tuple[EdgeChallenge, ...]:
+        return (EdgeChallenge("big", "127.0.0.1", port, _limits(body=LARGE_BODY_LIMIT)),)
+
+    with _edge_with_upstream(
+        tmp_path_factory.mktemp("strict-edge"),
+        big,
+        request_headers_timeout_ms=HEADERS_TIMEOUT_MS,
+        idle_timeout_ms=IDLE_TIMEOUT_MS,
+    ) as edge:
+        yield edge
 
 
 def _read_until_closed(sock: socket.socket) -> bytes:
