@@ -32,7 +32,7 @@ import grpc
 from platform_common.files import write_atomically
 from platform_common.runtime import images
 from platform_common.runtime.interface import RuntimeBusy
-from platform_common.runtime.local import RECORD, LocalRuntime, free_ports
+from platform_common.runtime.local import LocalRuntime, free_ports, recorded_slugs
 from platform_network.v1 import registry_pb2, registry_pb2_grpc, weights_pb2, weights_pb2_grpc
 
 STATE_DIR = Path(".dev")
@@ -211,7 +211,7 @@ def _stop_left_challenges(runtime_dir: Path) -> list[str]:
     a parent-death signal, so that a master restarted on the same state adopts them. Here
     the whole subnet is going away, so nothing will adopt them; the runtime, opened on the
     dead master's directory with nothing desired, stops every recorded instance."""
-    slugs = sorted(p.parent.name for p in runtime_dir.glob(f"challenges/*/{RECORD}"))
+    slugs = recorded_slugs(runtime_dir)
     if not slugs:
         return []
     try:

@@ -815,9 +815,7 @@ class LocalRuntime:
     async def adopt(self, desired: Iterable[str]) -> builtins.list[Instance]:
         self._check_open()
         wanted = set(desired)
-        root = self.state_dir / "challenges"
-        slugs = sorted(p.parent.name for p in root.glob(f"*/{RECORD}"))
-        adopted = await self._take_over(slugs, desired=wanted)
+        adopted = await self._take_over(recorded_slugs(self.state_dir), desired=wanted)
         self._adopted = True
         return adopted
 
@@ -911,6 +909,12 @@ class LocalRuntime:
 
         await asyncio.gather(*(stop_orphan(*orphan) for orphan in orphans))
         return adopted
+
+
+def recorded_slugs(state_dir: Path) -> list[str]:
+    """The challenges with an instance record in the runtime state directory ``state_dir``:
+    instances an owner left running, for the next one to adopt or stop."""
+    return sorted(p.parent.name for p in (state_dir / "challenges").glob(f"*/{RECORD}"))
 
 
 def _read_record(path: Path) -> dict[str, Any] | None:
