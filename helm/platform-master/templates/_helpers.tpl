@@ -21,9 +21,14 @@
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
-{{- define "platform-master.selectorLabels" -}}
+{{/* The release's name and instance labels, which every selector starts with. */}}
+{{- define "platform-master.instanceLabels" -}}
 app.kubernetes.io/name: {{ include "platform-master.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "platform-master.selectorLabels" -}}
+{{ include "platform-master.instanceLabels" . }}
 app.kubernetes.io/component: master
 {{- end }}
 
@@ -36,8 +41,7 @@ helm.sh/chart: {{ include "platform-master.chart" . }}
 {{/* The edge's objects: the same release, component "edge" (the master's Service and
 PodDisruptionBudget select component "master" only). */}}
 {{- define "platform-master.edgeSelectorLabels" -}}
-app.kubernetes.io/name: {{ include "platform-master.name" . }}
-app.kubernetes.io/instance: {{ .Release.Name }}
+{{ include "platform-master.instanceLabels" . }}
 app.kubernetes.io/component: edge
 {{- end }}
 
