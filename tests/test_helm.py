@@ -47,6 +47,8 @@ from master.weights import endpoints
 from platform_common import config as cfg
 from platform_network.v1 import registry_pb2, registry_pb2_grpc
 from tests.edge.envoy_support import UpstreamServer, raw_request
+from tests.helpers import ACTIVE
+from tests.helpers import spec as challenge_spec
 from tests.support.ports import free_port
 from tests.support.postgres import PostgresServer
 
@@ -1132,20 +1134,18 @@ def _accepts(port: int) -> bool:
 
 async def _activate(address: str, token: str, slug: str) -> None:
     metadata = (("authorization", f"Bearer {token}"),)
+    # The production values allow only pinned images of ghcr.io/example-challenges/.
     image = f"ghcr.io/example-challenges/{slug}:1.0.0@sha256:{'0' * 64}"
+    challenge = challenge_spec(
+        slug, 0.5, image=image, routes=registry_pb2.PublicRoutes(public_port=80)
+    )
     async with grpc.aio.insecure_channel(address) as channel:
         registry = registry_pb2_grpc.RegistryStub(channel)
-        spec = registry_pb2.ChallengeSpec(
-            slug=slug, name=slug.title(), image=image, emission_share=0.5,
-            routes=registry_pb2.PublicRoutes(public_port=80),
-        )  # fmt: skip
         await registry.CreateChallenge(
-            registry_pb2.CreateChallengeRequest(challenge=spec), metadata=metadata, timeout=10
+            registry_pb2.CreateChallengeRequest(challenge=challenge), metadata=metadata, timeout=10
         )
         await registry.SetChallengeStatus(
-            registry_pb2.SetChallengeStatusRequest(
-                slug=slug, status=registry_pb2.CHALLENGE_STATUS_ACTIVE
-            ),
+            registry_pb2.SetChallengeStatusRequest(slug=slug, status=ACTIVE),
             metadata=metadata,
             timeout=10,
         )
