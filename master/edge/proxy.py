@@ -321,6 +321,12 @@ class EnvoyProcess:
 ACTIVE_REQUESTS_STAT = f"http.{STAT_PREFIX}.downstream_rq_active"
 
 
+# How long :func:`drain` waits for one answer of Envoy's admin API; the last poll before
+# the timeout gets what is left, but at least DRAIN_LAST_POLL_SECONDS.
+DRAIN_POLL_SECONDS = 2.0
+DRAIN_LAST_POLL_SECONDS = 0.5
+
+
 @dataclass(frozen=True)
 class DrainResult:
     """How a :func:`drain` ended: ``active`` requests still in flight (0: drained) after
@@ -378,7 +384,8 @@ async def drain(
     if not 0 <= min_seconds <= timeout:
         raise ValueError("min_seconds must be between 0 and timeout")
     started = time.monotonic()
-    client_timeout = aiohttp.ClientTimeout(total=2.0)
+    deadline = started + timeout
+    client_timeout = aiohttp.ClientTimeout(total=DRAIN_POLL_SECONDS)
     async with aiohttp.ClientSession(timeout=client_timeout) as session:
         try:
             async with session.post(
@@ -392,10 +399,15 @@ async def drain(
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise OSError(f"Envoy's admin API at {admin_url} is unreachable: {exc}") from exc
         while True:
-            elapsed = time.monotonic() - started
             active: int | None
+            # A poll near the deadline gets what is left of it (but enough for an answer
+            # from a live Envoy), so a slow Envoy does not stretch the drain past it.
+            poll_seconds = min(
+                DRAIN_POLL_SECONDS, max(deadline - time.monotonic(), DRAIN_LAST_POLL_SECONDS)
+            )
             try:
-                active = await active_requests(session, admin_url)
+                async with asyncio.timeout(poll_seconds):
+                    active = await active_requests(session, admin_url)
             except TimeoutError:
                 # Not an answer, and not a stopped Envoy either (aiohttp's timeouts are
                 # connection errors too, so this comes first).
@@ -403,14 +415,15 @@ async def drain(
             except aiohttp.ClientConnectionError:
                 # Envoy stopped (killed, or stopped by its owner): nothing is in flight
                 # through it any more.
-                return DrainResult(active=0, seconds=elapsed, exited=True)
+                return DrainResult(active=0, seconds=time.monotonic() - started, exited=True)
+            elapsed = time.monotonic() - started
             if active == 0 and elapsed >= min_seconds:
                 return DrainResult(active=0, seconds=elapsed)
             if elapsed >= timeout:
                 if active is None:
                     raise OSError(f"Envoy's admin API at {admin_url} stopped answering")
                 return DrainResult(active=active, seconds=elapsed)
-            await asyncio.sleep(poll_interval)
+            await asyncio.sleep(min(poll_interval, timeout - elapsed))
 
 
 def _dying_with_parent(args: list[str]) -> list[str]:
