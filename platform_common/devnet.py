@@ -39,6 +39,8 @@ STATE_DIR = Path(".dev")
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = REPO / "examples" / "images.json"
 MASTER_KEY = "//platform-dev/master/0"
+# Each stops the whole local subnet (see _stop_on_signals).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 VALIDATOR_KEY = "//platform-dev/hotkey/{uid}"
 DEMO_SPEC = (
     '{"challenge": {"slug": "demo", "name": "Demo", '
@@ -151,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
     _secret(state / "token.key", secrets.token_hex(32))
     platform = shutil.which("platform", path=str(Path(sys.executable).parent)) or "platform"
     children: list[Child] = []
+    _stop_on_signals()
     try:
         chain = _chain(platform, state, logs, args)
         children.append(chain)
@@ -194,6 +197,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"platform dev: {exc}", file=sys.stderr)
         return 1
     finally:
+        # The stop below is bounded (each child: SIGTERM, then SIGKILL after 30 s); a
+        # second signal must not cut it short and leave processes behind.
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
         for child in reversed(children):
             child.stop()
         left = _stop_left_challenges(state / "runtime")
@@ -201,6 +208,21 @@ def run(args: argparse.Namespace) -> int:
             print(f"Stopped the challenge instances the master left: {', '.join(left)}.")
         print("Stopped.", flush=True)
     return 0
+
+
+def _stop_on_signals() -> None:
+    """SIGTERM (``kill``, a supervisor) and SIGHUP (a closed terminal) stop the platform as
+    Ctrl-C does: a :class:`KeyboardInterrupt`, then the stop in :func:`run`'s ``finally``.
+    Without this they would end this process at once and leave the chain, the master and
+    the validators running. SIGINT is taken back from a shell that ignores it (a script's
+    background job), for the same reason."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    for signum in STOP_SIGNALS:
+        handler = signal.default_int_handler if signum == signal.SIGINT else interrupt
+        signal.signal(signum, handler)
 
 
 def _stop_left_challenges(runtime_dir: Path) -> list[str]:

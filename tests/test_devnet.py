@@ -117,6 +117,39 @@ def _http_get(url: str) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
+@pytest.mark.parametrize(
+    ("signum", "ignoring_sigint"),
+    [(signal.SIGTERM, False), (signal.SIGHUP, False), (signal.SIGINT, True)],
+    ids=["SIGTERM", "SIGHUP", "SIGINT in a background job"],
+)
+def test_dev_stops_everything_on_a_stop_signal(
+    tmp_path: Path, signum: signal.Signals, ignoring_sigint: bool
+) -> None:
+    """``kill``, a closed terminal, and Ctrl-C sent to a script's background job (which the
+    shell started with SIGINT ignored) each stop the whole local subnet, as Ctrl-C does in
+    a terminal: nothing it started is left running."""
+    state = tmp_path / "state"
+    proc = launch(tmp_path, state, 0, validators=1, ignoring_sigint=ignoring_sigint)
+    seen: list[str] = []
+    try:
+        read_until(proc, r"Registry changes, sealed epochs and submissions appear below", seen, 180)
+        started = [p.info["cmdline"][:3] for p in running_from(state)]
+        for role in ("chain", "master", "validator"):
+            assert any(role in command for command in started), started
+        proc.send_signal(signum)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
+        left = running_from(state)
+        for each in left:
+            each.kill()
+    assert proc.returncode == 0, "".join(seen) + out
+    assert "Stopped." in out
+    assert [p.info["cmdline"] for p in left] == []
+
+
 def test_dev_stops_with_the_reason_when_a_process_it_runs_dies(tmp_path: Path) -> None:
     """A master that dies is reported with its last log lines, and the rest is stopped:
     the live view does not go on reconnecting to nothing."""

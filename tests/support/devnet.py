@@ -22,10 +22,16 @@ def dev_env() -> dict[str, str]:
     return env
 
 
-def launch(cwd: Path, state: Path, edge_port: int, *, validators: int) -> subprocess.Popen[str]:
-    """``platform dev`` on free ports (the edge on ``edge_port``), output on a pipe."""
+def launch(
+    cwd: Path, state: Path, edge_port: int, *, validators: int, ignoring_sigint: bool = False
+) -> subprocess.Popen[str]:
+    """``platform dev`` on free ports (the edge on ``edge_port``), output on a pipe; with
+    ``ignoring_sigint``, started with SIGINT ignored, as a shell starts a script's
+    background job (through ``sh``, which then becomes ``platform dev``: same PID)."""
+    shell = ["sh", "-c", 'trap "" INT; exec "$@"', "sh"] if ignoring_sigint else []
     return subprocess.Popen(
         [
+            *shell,
             str(VENV_BIN / "platform"),
             "dev",
             "--state-dir",
