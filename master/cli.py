@@ -223,7 +223,7 @@ def run_master(args: argparse.Namespace) -> int:
 def run_db(args: argparse.Namespace) -> int:
     from master.config import MasterConfig
     from master.db import migrate
-    from master.db.engine import DatabaseUrlError, create_engine
+    from master.db.engine import create_engine
 
     config = cfg.load(MasterConfig, args)
 
@@ -239,7 +239,7 @@ def run_db(args: argparse.Namespace) -> int:
 
     try:
         print(asyncio.run(act()))
-    except DatabaseUrlError as exc:
+    except cfg.ConfigError as exc:
         print(f"platform db: {exc}", file=sys.stderr)
         return 2
     return 0

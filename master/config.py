@@ -7,7 +7,13 @@ from pathlib import Path
 
 from master.registry.rules import DEFAULT_METADATA_KEYS
 from master.registry.tokens import read_key_file
-from platform_common.config import ConfigError, parse_host_port, secret_token, setting
+from platform_common.config import (
+    ConfigError,
+    check_database_url,
+    parse_host_port,
+    secret_token,
+    setting,
+)
 
 ADMIN_TOKEN_MIN = 16
 
@@ -302,17 +308,10 @@ class MasterConfig:
 
     def check(self) -> None:
         """Refuse settings that cannot work together, with a message naming them."""
-        # Imported here: SQLAlchemy costs ~0.4 s, which every `platform` command
-        # would pay at start-up (the CLI builds all subcommands' flags).
-        from master.db.engine import DatabaseUrlError, check_url
-
         parse_host_port(self.listen, "--listen")
         if self.metrics_listen:
             parse_host_port(self.metrics_listen, "--metrics-listen")
-        try:
-            check_url(self.database_url, production=self.production)
-        except DatabaseUrlError as exc:
-            raise ConfigError(str(exc)) from exc
+        check_database_url(self.database_url, production=self.production)
         if self.production and not self.image_allowlist:
             raise ConfigError(
                 "--image-allowlist: production mode needs at least one allowed registry namespace"

@@ -83,6 +83,37 @@ def test_bad_host_port_is_refused(text: str) -> None:
         cfg.parse_host_port(text, "--listen")
 
 
+@pytest.mark.parametrize(
+    ("url", "backend"),
+    [
+        ("sqlite+aiosqlite:///platform.db", "sqlite"),
+        ("sqlite+aiosqlite:////var/lib/platform/platform.db", "sqlite"),
+        ("postgresql+asyncpg://platform:secret@db:5432/platform", "postgresql"),
+    ],
+)
+def test_database_urls_name_their_backend(url: str, backend: str) -> None:
+    assert cfg.check_database_url(url) == backend
+
+
+@pytest.mark.parametrize(
+    ("url", "production", "message"),
+    [
+        ("platform.db", False, "expected DRIVER://...; got 'platform.db'"),
+        ("sqlite+aiosqlite://", False, "SQLite needs a file path"),
+        ("sqlite+aiosqlite:///:memory:", False, "SQLite needs a file path"),
+        ("sqlite+aiosqlite:///:memory:?cache=shared", False, "SQLite needs a file path"),
+        ("sqlite+aiosqlite:///platform.db", True, "production mode refuses SQLite"),
+        ("postgresql://db/platform", False, "unsupported driver 'postgresql'"),
+        ("mysql://x/y", True, "unsupported driver 'mysql'"),
+    ],
+)
+def test_bad_database_urls_are_refused_naming_the_flag(
+    url: str, production: bool, message: str
+) -> None:
+    with pytest.raises(cfg.ConfigError, match=f"^--database-url: .*{re.escape(message)}"):
+        cfg.check_database_url(url, production=production)
+
+
 def test_missing_config_file_is_named() -> None:
     with pytest.raises(cfg.ConfigError, match="does not exist"):
         cfg.load(MasterConfig, parse("--config", "/nonexistent/p.toml"), {})

@@ -14,13 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from platform_common import ss58
-from platform_common.config import ConfigError, parse_host_port, setting
+from platform_common.config import ConfigError, check_database_url, parse_host_port, setting
 
 if TYPE_CHECKING:
     from platform_common.keys import Signer
-
-SQLITE_DRIVER = "sqlite+aiosqlite"
-POSTGRES_DRIVER = "postgresql+asyncpg"
 
 
 @dataclass(frozen=True)
@@ -217,28 +214,3 @@ class ValidatorConfig:
             "no hotkey: set PLATFORM_HOTKEY or --hotkey-file (the validator hotkey that holds a "
             "validator permit on the subnet)"
         )
-
-
-def check_database_url(url: str) -> str:
-    """The backend of a store URL ("sqlite" or "postgresql"); ConfigError otherwise.
-
-    Parsed by hand: SQLAlchemy costs a noticeable fraction of a second to import, which
-    ``platform --help`` would pay.
-    """
-    driver, sep, rest = url.partition("://")
-    if not sep:
-        raise ConfigError(f"--database-url: expected DRIVER://...; got {url!r}")
-    if driver == SQLITE_DRIVER:
-        path = rest.removeprefix("/")
-        if path in ("", ":memory:"):
-            raise ConfigError(
-                "--database-url: SQLite needs a file path (an in-memory store would forget "
-                "which epochs were submitted at restart)"
-            )
-        return "sqlite"
-    if driver == POSTGRES_DRIVER:
-        return "postgresql"
-    raise ConfigError(
-        f"--database-url: unsupported driver {driver!r}; use {SQLITE_DRIVER}:///PATH or "
-        f"{POSTGRES_DRIVER}://..."
-    )

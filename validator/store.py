@@ -54,8 +54,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from platform_common.config import check_database_url
 from platform_network.v1 import registry_pb2, weights_pb2
-from validator.config import check_database_url
 from validator.verify import Position, is_newer
 
 SCHEMA_VERSION = 1

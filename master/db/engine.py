@@ -6,48 +6,15 @@ from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-SQLITE_DRIVER = "sqlite+aiosqlite"
-POSTGRES_DRIVER = "postgresql+asyncpg"
-
-
-class DatabaseUrlError(ValueError):
-    pass
-
-
-def check_url(url: str, *, production: bool) -> str:
-    """Validate a database URL for this deployment; return its dialect ("sqlite"/"postgresql")."""
-    try:
-        parsed = make_url(url)
-    except Exception as exc:
-        raise DatabaseUrlError(f"--database-url: cannot parse {url!r}: {exc}") from exc
-    driver = parsed.drivername
-    if driver == SQLITE_DRIVER:
-        if production:
-            raise DatabaseUrlError(
-                "--database-url: production mode refuses SQLite; use a PostgreSQL URL "
-                "(postgresql+asyncpg://user:password@host:5432/platform)"
-            )
-        if parsed.database in (None, "", ":memory:"):
-            raise DatabaseUrlError(
-                "--database-url: SQLite needs a file path (an in-memory database would be "
-                "lost on restart and is not shared between connections)"
-            )
-        return "sqlite"
-    if driver == POSTGRES_DRIVER:
-        return "postgresql"
-    raise DatabaseUrlError(
-        f"--database-url: unsupported driver {driver!r}; use {SQLITE_DRIVER}:///PATH or "
-        f"{POSTGRES_DRIVER}://..."
-    )
+from platform_common.config import check_database_url
 
 
 def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
-    """An async engine with the settings each backend needs."""
-    dialect = check_url(url, production=False)
-    if dialect == "sqlite":
+    """An async engine with the settings each backend needs; :class:`ConfigError` naming
+    ``--database-url`` when ``url`` is not one the master runs on."""
+    if check_database_url(url) == "sqlite":
         engine = create_async_engine(url, connect_args={"timeout": 30})
         _tune_sqlite(engine)
         return engine
