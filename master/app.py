@@ -49,9 +49,9 @@ from master.weights.store import WeightsStore
 from platform_common import metrics, rpc, tokens
 from platform_common import weights as weight_math
 from platform_common.chain import Chain, open_chain
-from platform_common.config import ConfigError, join_host_port, parse_host_port
+from platform_common.config import ConfigError, env_name, join_host_port, parse_host_port
 from platform_common.files import write_atomically
-from platform_common.keys import Signer, load_signer, load_signer_file
+from platform_common.keys import KeyLoadError, Signer, load_hotkey
 from platform_common.runtime import RuntimeBusy
 from platform_common.runtime.images import ImageMapError
 from platform_common.runtime.images import load as load_images
@@ -127,12 +127,10 @@ class Master:
         self._signer: Signer | None = None
         if config.chain:
             try:
-                self._signer = (
-                    load_signer_file(Path(config.hotkey_file))
-                    if config.hotkey_file
-                    else load_signer(config.hotkey.strip())
+                self._signer = load_hotkey(
+                    config.hotkey, config.hotkey_file, env=env_name("hotkey")
                 )
-            except (OSError, ValueError) as exc:
+            except KeyLoadError as exc:
                 raise ConfigError(f"the master's hotkey: {exc}") from exc
         #: The epochs engine; None when no chain is configured.
         self.epochs: EpochEngine | None = None

@@ -10,6 +10,7 @@ from master.registry.tokens import read_key_file
 from platform_common.config import (
     ConfigError,
     check_database_url,
+    env_name,
     parse_host_port,
     secret_token,
     setting,
@@ -342,8 +343,8 @@ class MasterConfig:
                 "--chain is set but the master has no hotkey to sign vectors with: "
                 "set PLATFORM_HOTKEY or --hotkey-file"
             )
-        if self.hotkey and self.hotkey_file:
-            raise ConfigError("set either PLATFORM_HOTKEY or --hotkey-file, not both")
+        if self.hotkey.strip() and self.hotkey_file:
+            raise ConfigError(f"set either {env_name('hotkey')} or --hotkey-file, not both")
         if self.production and self.chain and not self.token_key_file:
             raise ConfigError(
                 "--token-key-file: production mode needs a persistent challenge token key"

@@ -121,6 +121,22 @@ def load_signer(spec: str) -> Signer:
     return Signer(keypair)
 
 
+def load_hotkey(secret: str, file: str, *, env: str, flag: str = "--hotkey-file") -> Signer | None:
+    """The hotkey given either as a secret in the environment variable ``env`` or in the
+    file ``file`` (flag ``flag``); None when neither is given. Raises
+    :class:`KeyLoadError` naming the source, also when both are given."""
+    if secret.strip() and file:
+        raise KeyLoadError(f"set either {env} or {flag}, not both")
+    try:
+        if file:
+            return load_signer_file(Path(file))
+        if secret.strip():
+            return load_signer(secret)
+    except KeyLoadError as exc:
+        raise KeyLoadError(f"{flag if file else env}: {exc}") from None
+    return None
+
+
 def load_signer_file(path: Path) -> Signer:
     """A signer from a file: its first line in any form :func:`load_signer` takes, or a
     Bittensor wallet keyfile (unencrypted JSON).

@@ -75,14 +75,12 @@ def _body(data: str) -> bytes:
 
 
 def _signer(args: argparse.Namespace) -> Any:
-    from platform_common.keys import load_signer, load_signer_file
+    from platform_common.keys import load_hotkey
 
-    if args.hotkey_file:
-        return load_signer_file(Path(args.hotkey_file))
-    secret = os.environ.get(HOTKEY_ENV, "").strip()
-    if not secret:
+    signer = load_hotkey(os.environ.get(HOTKEY_ENV, ""), args.hotkey_file, env=HOTKEY_ENV)
+    if signer is None:
         raise ValueError(f"no hotkey: set {HOTKEY_ENV} or --hotkey-file (or pass --unsigned)")
-    return load_signer(secret)
+    return signer
 
 
 def run(args: argparse.Namespace) -> int:

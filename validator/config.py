@@ -14,7 +14,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from platform_common import ss58
-from platform_common.config import ConfigError, check_database_url, parse_host_port, setting
+from platform_common.config import (
+    ConfigError,
+    check_database_url,
+    env_name,
+    parse_host_port,
+    setting,
+)
 
 if TYPE_CHECKING:
     from platform_common.keys import Signer
@@ -198,18 +204,14 @@ class ValidatorConfig:
         """This validator's hotkey from PLATFORM_HOTKEY or --hotkey-file."""
         # Imported here: the SDK takes a second and more to import, which every
         # `platform` command would pay (the CLI builds all subcommands' flags).
-        from platform_common.keys import KeyLoadError, load_signer, load_signer_file
+        from platform_common.keys import KeyLoadError, load_hotkey
 
-        if self.hotkey and self.hotkey_file:
-            raise ConfigError("set either PLATFORM_HOTKEY or --hotkey-file, not both")
         try:
-            if self.hotkey_file:
-                return load_signer_file(Path(self.hotkey_file))
-            if self.hotkey:
-                return load_signer(self.hotkey)
+            signer = load_hotkey(self.hotkey, self.hotkey_file, env=env_name("hotkey"))
         except KeyLoadError as exc:
-            source = "--hotkey-file" if self.hotkey_file else "PLATFORM_HOTKEY"
-            raise ConfigError(f"{source}: {exc}") from None
+            raise ConfigError(str(exc)) from None
+        if signer is not None:
+            return signer
         raise ConfigError(
             "no hotkey: set PLATFORM_HOTKEY or --hotkey-file (the validator hotkey that holds a "
             "validator permit on the subnet)"

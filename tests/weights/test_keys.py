@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 from bittensor import sp_core
 
-from platform_common.keys import KeyLoadError, load_signer, load_signer_file, verify_signature
+from platform_common.keys import (
+    KeyLoadError,
+    load_hotkey,
+    load_signer,
+    load_signer_file,
+    verify_signature,
+)
 
 ALICE = "5GrwvaEF5zXb26Fz9rcQpDWS57CtERHpNehXCPcNoHGKutQY"
 # Substrate's published development phrase; //Alice is derived from it.
@@ -209,3 +215,29 @@ def test_key_file_errors_name_the_file_not_the_secret(tmp_path: Path) -> None:
     huge = _key_file(tmp_path, "x" * 70_000)
     with pytest.raises(KeyLoadError, match="larger than 65536 bytes"):
         load_signer_file(huge)
+
+
+def test_a_hotkey_comes_from_either_the_environment_or_a_file(tmp_path: Path) -> None:
+    path = _key_file(tmp_path, "//Alice\n")
+    for secret, file in ((" //Alice\n", ""), ("", str(path))):
+        signer = load_hotkey(secret, file, env="PLATFORM_HOTKEY")
+        assert signer is not None
+        assert signer.ss58_address == ALICE
+    assert load_hotkey("  ", "", env="PLATFORM_HOTKEY") is None
+
+
+@pytest.mark.parametrize(
+    ("secret", "file", "message"),
+    [
+        ("//Alice", "KEY", "set either PLATFORM_MINER_HOTKEY or --key-file, not both"),
+        ("not a key", "", "PLATFORM_MINER_HOTKEY: key: not a valid"),
+        ("", "MISSING", "--key-file: MISSING: cannot read the key file"),
+    ],
+)
+def test_a_bad_hotkey_is_refused_naming_its_source(
+    tmp_path: Path, secret: str, file: str, message: str
+) -> None:
+    paths = {"KEY": str(_key_file(tmp_path, "//Alice\n")), "MISSING": str(tmp_path / "missing")}
+    with pytest.raises(KeyLoadError) as refused:
+        load_hotkey(secret, paths.get(file, ""), env="PLATFORM_MINER_HOTKEY", flag="--key-file")
+    assert str(refused.value).startswith(message.replace("MISSING", paths["MISSING"]))
