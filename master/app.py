@@ -445,6 +445,8 @@ class Master:
                 access_log=config.edge_access_log,
                 trusted_proxies=config.edge_trusted_proxies,
                 authz_rate_per_ip_per_minute=config.edge_authz_rate_per_ip,
+                tls_cert_file=config.edge_tls_cert,
+                tls_key_file=config.edge_tls_key,
             ),
             EdgeLimits(
                 rate_per_hotkey_per_minute=config.edge_rate_per_hotkey,

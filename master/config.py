@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -266,6 +267,17 @@ class MasterConfig:
         "(per-IP limits, logs) is then taken from that header, that many entries from its end",
         metavar="N",
     )
+    edge_tls_cert: str = setting(
+        "",
+        "PEM certificate chain the edge serves HTTPS with, as an absolute path on Envoy's "
+        "filesystem (with --edge-tls-key); empty: plain HTTP",
+        metavar="PATH",
+    )
+    edge_tls_key: str = setting(
+        "",
+        "PEM private key of --edge-tls-cert, as an absolute path on Envoy's filesystem",
+        metavar="PATH",
+    )
     edge_signature_max_age: float = setting(
         10.0,
         "seconds a signed miner request stays valid (freshness window of the nonce)",
@@ -376,6 +388,21 @@ class MasterConfig:
         except ImageMapError as exc:
             raise ConfigError(f"--runtime-images: {exc}") from exc
 
+    def _check_edge_tls(self) -> None:
+        given = {"--edge-tls-cert": self.edge_tls_cert, "--edge-tls-key": self.edge_tls_key}
+        if not any(given.values()):
+            return
+        for flag, path in given.items():
+            if not path:
+                raise ConfigError(f"{flag}: required with the other --edge-tls-* flag")
+        for flag, path in given.items():
+            if not path.startswith("/"):
+                raise ConfigError(f"{flag}: must be an absolute path (Envoy's); got {path!r}")
+            # A local Envoy shares this filesystem: a missing file is caught here, not as a
+            # NACKed listener. A separate Envoy's files are its own.
+            if self.edge_envoy and not os.access(path, os.R_OK):
+                raise ConfigError(f"{flag}: cannot read {path}")
+
     def _check_edge(self) -> None:
         if not self.edge_listen:
             if self.edge_envoy:
@@ -399,6 +426,7 @@ class MasterConfig:
             raise ConfigError("--edge-trusted-proxies: must be 0..10")
         if not 1 <= self.edge_signature_max_age <= 300:
             raise ConfigError("--edge-signature-max-age: must be 1..300 seconds")
+        self._check_edge_tls()
         if not self.edge_envoy and self.edge_token_value() is None:
             raise ConfigError(
                 "--edge-listen without --edge-envoy: set PLATFORM_EDGE_TOKEN or "

@@ -167,6 +167,16 @@ def test_the_operators_guide_sample_config_loads_and_checks(tmp_path: Path) -> N
         (("--edge-timeout", "0"), "--edge-timeout: must be 1..3600 seconds"),
         (("--edge-trusted-proxies", "-1"), "--edge-trusted-proxies: must be 0..10"),
         (("--edge-trusted-proxies", "11"), "--edge-trusted-proxies: must be 0..10"),
+        (("--edge-tls-cert", "/etc/edge.crt"), "--edge-tls-key: required with the other"),
+        (("--edge-tls-key", "/etc/edge.key"), "--edge-tls-cert: required with the other"),
+        (
+            ("--edge-tls-cert", "edge.crt", "--edge-tls-key", "/etc/edge.key"),
+            "--edge-tls-cert: must be an absolute path (Envoy's); got 'edge.crt'",
+        ),
+        (
+            ("--edge-tls-cert", "/no/such/edge.crt", "--edge-tls-key", "/no/such/edge.key"),
+            "--edge-tls-cert: cannot read /no/such/edge.crt",
+        ),
     ],
 )
 def test_bad_edge_settings_are_refused_naming_the_flag(argv: tuple[str, ...], message: str) -> None:
@@ -174,6 +184,16 @@ def test_bad_edge_settings_are_refused_naming_the_flag(argv: tuple[str, ...], me
     loaded = cfg.load(MasterConfig, parse(*edge, *argv), {"PLATFORM_ADMIN_TOKEN": "t" * 32})
     with pytest.raises(cfg.ConfigError, match=re.escape(message)):
         loaded.check()
+
+
+def test_a_separate_envoys_certificate_is_not_looked_for_here() -> None:
+    """Without --edge-envoy the paths are on Envoy's filesystem, not this one."""
+    argv = ("--edge-listen", "0.0.0.0:443", "--edge-tls-cert", "/tls/edge.crt")
+    argv += ("--edge-tls-key", "/tls/edge.key")
+    env = {"PLATFORM_ADMIN_TOKEN": "t" * 32, "PLATFORM_EDGE_TOKEN": "e" * 32}
+    loaded = cfg.load(MasterConfig, parse(*argv), env)
+    loaded.check()
+    assert (loaded.edge_tls_cert, loaded.edge_tls_key) == ("/tls/edge.crt", "/tls/edge.key")
 
 
 def test_edge_trusted_proxies_from_the_environment() -> None:

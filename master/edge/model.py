@@ -109,6 +109,11 @@ class EdgeSettings:
     # closed after idle_timeout_ms.
     request_headers_timeout_ms: int = 10_000
     idle_timeout_ms: int = 300_000
+    # HTTPS on the public listener: a PEM certificate chain and its private key, as paths on
+    # Envoy's filesystem (absolute); both empty: plain HTTP (a load balancer in front ends
+    # TLS, or a local run).
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,11 @@ connection buffers at most ``CONNECTION_BUFFER_BYTES`` before flow control pushe
 The connection cap and the heap limit are process-wide: they are in the bootstrap
 (``envoy/bootstrap.yaml``, Envoy's overload manager).
 
+TLS: with ``tls_cert_file`` and ``tls_key_file`` the listener serves HTTPS only (TLS 1.2 or
+later, ALPN ``h2`` then ``http/1.1``), so a miner's signed request and its answer cannot be
+read on the way: the signature stops forgery, not someone copying a submission. Envoy reads
+the two files when it takes the listener.
+
 Upstreams: a challenge whose public endpoint is an IP literal gets an EDS cluster and a
 ``ClusterLoadAssignment`` (endpoint moves are cheap EDS updates); a hostname gets a STRICT_DNS
 cluster with the endpoint inline and no EDS resource, because Envoy resolves no names in EDS.
@@ -93,6 +98,8 @@ from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2 as tls_common_pb2
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.v3 import http_status_pb2, percent_pb2, token_bucket_pb2
 from google.protobuf import duration_pb2, json_format, struct_pb2, wrappers_pb2
@@ -123,6 +130,9 @@ RATE_LIMIT_HOTKEY_FILTER = "rate_limit_hotkey"
 ROUTER_FILTER = "envoy.filters.http.router"
 
 HCM_FILTER = "envoy.filters.network.http_connection_manager"
+TLS_TRANSPORT_SOCKET = "envoy.transport_sockets.tls"
+# What the HTTPS listener offers in ALPN, preferred first.
+TLS_ALPN = ("h2", "http/1.1")
 VIRTUAL_HOST_NAME = "edge"
 HTTP_PROTOCOL_OPTIONS_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
@@ -356,8 +366,22 @@ def _listener(settings: EdgeSettings) -> Any:
     chain = listener_components_pb2.FilterChain()
     network_filter = chain.filters.add(name=HCM_FILTER)
     _pack(network_filter.typed_config, _connection_manager(settings))
+    if settings.tls_cert_file:
+        chain.transport_socket.name = TLS_TRANSPORT_SOCKET
+        _pack(chain.transport_socket.typed_config, _downstream_tls(settings))
     listener.filter_chains.append(chain)
     return listener
+
+
+def _downstream_tls(settings: EdgeSettings) -> Any:
+    tls = tls_pb2.DownstreamTlsContext()
+    common = tls.common_tls_context
+    common.tls_params.tls_minimum_protocol_version = tls_common_pb2.TlsParameters.TLSv1_2
+    common.alpn_protocols.extend(TLS_ALPN)
+    certificate = common.tls_certificates.add()
+    certificate.certificate_chain.filename = settings.tls_cert_file
+    certificate.private_key.filename = settings.tls_key_file
+    return tls
 
 
 def _connection_manager(settings: EdgeSettings) -> Any:

@@ -31,7 +31,13 @@ from platform_common.chain import LocalSubnet
 from platform_common.chain.local import dev_keypair
 from platform_common.miner import signed_headers
 from platform_network.v1 import registry_pb2
-from tests.edge.envoy_support import RawResponse, UpstreamServer, raw_request
+from tests.edge.envoy_support import (
+    RawResponse,
+    UpstreamServer,
+    https_get,
+    raw_request,
+    self_signed_certificate,
+)
 from tests.helpers import ACTIVE, INACTIVE, create, set_status
 from tests.support.master import ADMIN, VENV_BIN, RunningMaster, start_master
 from tests.support.ports import free_port
@@ -507,3 +513,25 @@ async def test_only_the_edge_token_reaches_xds_and_ext_authz(
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stream.read()
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_the_masters_certificate_puts_the_edge_on_https(edge: Edge) -> None:
+    """``--edge-tls-cert`` and ``--edge-tls-key`` reach Envoy through xDS: after a restart
+    with them, the same Envoy answers the same route over HTTPS, and no longer in plain HTTP."""
+    cert, key = self_signed_certificate(edge.tmp)
+    await _activate(edge, "echo")
+    assert (await edge.until("/challenges/echo/a", lambda r: r.status == 200)).status == 200
+    await edge.running.close()
+    edge.settings = {"edge_tls_cert": str(cert), "edge_tls_key": str(key)}
+    await edge.start_master()
+    deadline = time.monotonic() + CONVERGE_SECONDS
+    while True:
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            status, body = await asyncio.to_thread(https_get, edge.port, cert, "/challenges/echo/a")
+            break
+        assert time.monotonic() < deadline, "the edge did not turn to HTTPS"
+        await asyncio.sleep(0.05)
+    assert status == 200, body
+    assert json.loads(body)["path"] == "/a"
+    with pytest.raises((OSError, http.client.HTTPException)):
+        await edge.get("/challenges/echo/a")

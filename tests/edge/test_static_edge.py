@@ -15,6 +15,7 @@ import json
 import random
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.parse
@@ -41,8 +42,10 @@ from tests.edge.envoy_support import (
     StaticEnvoy,
     StubAuthz,
     UpstreamServer,
+    https_get,
     raw_request,
     raw_request_bytes,
+    self_signed_certificate,
 )
 from tests.support.master import VENV_BIN
 from tests.support.ports import free_port
@@ -1085,3 +1088,65 @@ def test_a_body_larger_than_the_connection_buffer_arrives_whole(strict_edge: Edg
     assert strict_edge.upstream.requests()[-1].body == body
     over = strict_edge.get("/challenges/big/upload", method="POST", body=body + b"!")
     assert over.status == 413
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTPS
+
+
+@pytest.fixture(scope="module")
+def tls_edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Edge, Path]]:
+    """The edge serving HTTPS with a throwaway certificate; the certificate's path."""
+    workdir = tmp_path_factory.mktemp("tls-edge")
+    cert, key = self_signed_certificate(workdir)
+
+    def challenges(port: int) -> tuple[EdgeChallenge, ...]:
+        return (
+            EdgeChallenge("open", "127.0.0.1", port, _limits(), blocked_path_prefixes=("/admin",)),
+        )
+
+    with _edge_with_upstream(
+        workdir, challenges, tls_cert_file=str(cert), tls_key_file=str(key)
+    ) as edge:
+        yield edge, cert
+
+
+def test_with_a_certificate_the_edge_serves_https(tls_edge: tuple[Edge, Path]) -> None:
+    edge, cert = tls_edge
+    before = len(edge.upstream.requests())
+    status, body = https_get(edge.port, cert, "/challenges/open/api?x=1")
+    assert status == 200, body
+    assert json.loads(body)["path"] == "/api?x=1"
+    [received] = edge.upstream.requests()[before:]
+    assert received.headers["x-forwarded-proto"] == "https"
+    # The edge's rules hold over TLS as over plain HTTP.
+    for blocked in ("/challenges/open/internal/v1/get_weights", "/challenges/open/ADMIN/x"):
+        assert https_get(edge.port, cert, blocked)[0] == 403
+    assert len(edge.upstream.requests()) == before + 1
+
+
+@pytest.mark.parametrize(
+    ("offered", "chosen"), [(["h2", "http/1.1"], "h2"), (["http/1.1"], "http/1.1")]
+)
+def test_the_https_listener_prefers_http2_and_takes_http1(
+    tls_edge: tuple[Edge, Path], offered: list[str], chosen: str
+) -> None:
+    edge, cert = tls_edge
+    context = ssl.create_default_context(cafile=str(cert))
+    context.set_alpn_protocols(offered)
+    with (
+        socket.create_connection(("127.0.0.1", edge.port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        assert tls.selected_alpn_protocol() == chosen
+        assert tls.version() in ("TLSv1.2", "TLSv1.3")
+
+
+def test_plain_http_on_the_https_listener_gets_no_answer(tls_edge: tuple[Edge, Path]) -> None:
+    edge, _ = tls_edge
+    before = len(edge.upstream.requests())
+    with socket.create_connection(("127.0.0.1", edge.port), timeout=10) as sock:
+        sock.sendall(b"GET /challenges/open/api HTTP/1.1\r\nHost: edge\r\n\r\n")
+        answer = _read_until_closed(sock)
+    assert not answer.startswith(b"HTTP/")
+    assert len(edge.upstream.requests()) == before
