@@ -79,6 +79,8 @@ SET_BY_CHART = {
     "edge_listen",
     "edge_authz_address",
     "edge_token_file",
+    "edge_tls_cert",
+    "edge_tls_key",
 }
 # Settings the chart deliberately never sets, and why.
 NOT_FOR_KUBERNETES = {
@@ -689,6 +691,23 @@ def test_edge_values_reach_the_edge(helm: Helm) -> None:
     assert (spec["type"], spec["externalTrafficPolicy"]) == ("NodePort", "Cluster")
     assert objects["edge/PodDisruptionBudget"]["spec"]["minAvailable"] == 1
     assert objects["edge/Deployment"]["spec"]["replicas"] == 3
+
+
+def test_an_edge_certificate_reaches_envoy_through_the_masters(helm: Helm) -> None:
+    """With edge.tls.secretName the Envoy pods mount the Secret and the masters send Envoy
+    the paths of its tls.crt and tls.key there; without it, neither."""
+    objects = helm.render({"edge": {"tls": {"secretName": "edge-cert"}}})
+    master = master_args(container(objects)["args"])
+    _, envoy = edge_containers(objects)
+    [mount] = [m for m in envoy["volumeMounts"] if m["name"] == "tls"]
+    [volume] = [v for v in edge_pod(objects)["volumes"] if v["name"] == "tls"]
+    assert volume["secret"]["secretName"] == "edge-cert"
+    assert mount["readOnly"] is True
+    assert master.edge_tls_cert == f"{mount['mountPath']}/tls.crt"
+    assert master.edge_tls_key == f"{mount['mountPath']}/tls.key"
+    plain = helm.render()
+    assert not {"--edge-tls-cert", "--edge-tls-key"} & set(container(plain)["args"])
+    assert all(v["name"] != "tls" for v in edge_pod(plain)["volumes"])
 
 
 def test_metrics_can_be_turned_off(helm: Helm, tmp_path: Path) -> None:

@@ -210,3 +210,11 @@ image_allowlist = {{ .Values.imageAllowlist | toJson }}
 {{- fail (printf "config.epoch_schedule: the interval schedule is for a single master (replicaCount is %v, and each replica would seal on its own clock); use tempo" .Values.replicaCount) }}
 {{- end }}
 {{- end }}
+
+{{/*
+Where the Envoy pods mount the edge's TLS Secret (edge.tls.secretName); the masters send
+Envoy the certificate's and key's paths under it.
+*/}}
+{{- define "platform-master.edgeTlsDir" -}}
+/etc/platform-edge-tls
+{{- end }}
