@@ -188,8 +188,8 @@ def test_bad_edge_settings_are_refused_naming_the_flag(argv: tuple[str, ...], me
 
 def test_a_separate_envoys_certificate_is_not_looked_for_here() -> None:
     """Without --edge-envoy the paths are on Envoy's filesystem, not this one."""
-    argv = ("--edge-listen", "0.0.0.0:443", "--edge-tls-cert", "/tls/edge.crt")
-    argv += ("--edge-tls-key", "/tls/edge.key")
+    argv = ["--edge-listen", "0.0.0.0:443", "--edge-tls-cert", "/tls/edge.crt"]
+    argv += ["--edge-tls-key", "/tls/edge.key"]
     env = {"PLATFORM_ADMIN_TOKEN": "t" * 32, "PLATFORM_EDGE_TOKEN": "e" * 32}
     loaded = cfg.load(MasterConfig, parse(*argv), env)
     loaded.check()
