@@ -150,12 +150,17 @@ def peak_rss_mib(pid: int) -> float:
     return _status_kib(pid, "VmHWM") / 1024
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time ``pid`` has used so far (all threads)."""
+def cpu_split(pid: int) -> tuple[float, float]:
+    """User and system CPU time ``pid`` has used so far (all threads), in seconds."""
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2 :].split()
     # Fields 14 and 15 of proc(5), counted from the state field (3).
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time ``pid`` has used so far (all threads)."""
+    return sum(cpu_split(pid))
 
 
 def descendants(pid: int) -> list[int]:

@@ -23,8 +23,8 @@ single-threaded upstream busy, few enough that queueing does not dominate) and w
 connection for the p50 latency. The direct and Envoy runs of a pair follow each other
 and their order flips from one repetition to the next, so machine noise and drift hit
 both sides alike; the figures are the medians over ``--repeat`` repetitions. The CPU time
-each process spent per request (upstream, Envoy, wrk; from /proc and getrusage) is printed
-too: on a small machine the rate through Envoy is bounded by the sum of the three, not by
+each process spent per request (upstream, Envoy with its system time in brackets, wrk; from
+/proc and getrusage) is printed too: on a small machine the rate through Envoy is bounded by the sum of the three, not by
 the upstream alone. Envoy's counters show how many upstream connections carried the
 requests (keep-alive).
 
@@ -107,6 +107,7 @@ from bench.common import (
     Target,
     command_line,
     cpu_seconds,
+    cpu_split,
     database,
     descendants,
     fail,
@@ -629,6 +630,8 @@ class Side:
     # side's own Envoy (0 direct).
     upstream_us: list[float] = field(default_factory=list)
     envoy_us: list[float] = field(default_factory=list)
+    # The part of envoy_us spent in the kernel (system time: sockets, scheduling).
+    envoy_system_us: list[float] = field(default_factory=list)
     wrk_us: list[float] = field(default_factory=list)
 
 
@@ -638,10 +641,11 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _cpu_now(upstream_pid: int, proxy_pid: int) -> tuple[float, float, float]:
-    """CPU seconds so far of the upstream, the side's Envoy (0 for none) and wrk."""
-    proxy = cpu_seconds(proxy_pid) if proxy_pid else 0.0
-    return cpu_seconds(upstream_pid), proxy, _children_cpu()
+def _cpu_now(upstream_pid: int, proxy_pid: int) -> tuple[float, float, float, float]:
+    """CPU seconds so far of the upstream, the side's Envoy (0 for none), that Envoy's
+    system time alone, and wrk."""
+    user, system = cpu_split(proxy_pid) if proxy_pid else (0.0, 0.0)
+    return cpu_seconds(upstream_pid), user + system, system, _children_cpu()
 
 
 def measure_wrk(
@@ -676,7 +680,8 @@ def measure_wrk(
                     ]
                     figures.upstream_us.append(per_request[0])
                     figures.envoy_us.append(per_request[1])
-                    figures.wrk_us.append(per_request[2])
+                    figures.envoy_system_us.append(per_request[2])
+                    figures.wrk_us.append(per_request[3])
     return out
 
 
@@ -851,7 +856,7 @@ def run(args: argparse.Namespace, workdir: Path, wrk: str, nginx: str) -> int:
                 f"{_median(direct.upstream_us):.0f}",
                 f"{_median(direct.wrk_us):.0f}",
                 f"{_median(via.upstream_us):.0f}",
-                f"{_median(via.envoy_us):.0f}",
+                _envoy_cpu(via),
                 f"{_median(via.wrk_us):.0f}",
                 f"{total * rps_edge / 1e6:.2f}",
             ]
@@ -879,7 +884,7 @@ def run(args: argparse.Namespace, workdir: Path, wrk: str, nginx: str) -> int:
                 "direct: upstream",
                 "wrk",
                 "via Envoy: upstream",
-                "Envoy",
+                "Envoy (system)",
                 "wrk",
                 "CPUs busy via Envoy",
             ],
@@ -899,7 +904,7 @@ def run(args: argparse.Namespace, workdir: Path, wrk: str, nginx: str) -> int:
                     "rps reference",
                     "ratio to direct",
                     "added p50 ms",
-                    "Envoy CPU µs/request",
+                    "Envoy CPU µs/request (system)",
                     "edge rps / reference rps",
                 ],
                 [_reference_row(upstream.name, sides[upstream.name]) for upstream in upstreams],
@@ -964,9 +969,14 @@ def _reference_row(name: str, sides: Mapping[str, Side]) -> list[object]:
         f"{rps:,.0f}",
         f"{rps / _median(direct.rps):.1%}",
         f"{_median(reference.p50_ms) - _median(direct.p50_ms):+.3f}",
-        f"{_median(reference.envoy_us):.0f}",
+        _envoy_cpu(reference),
         f"{_median(edge.rps) / rps:.1%}",
     ]
+
+
+def _envoy_cpu(side: Side) -> str:
+    """The side's Envoy CPU per request, with its system (kernel) part: "183 (41)"."""
+    return f"{_median(side.envoy_us):.0f} ({_median(side.envoy_system_us):.0f})"
 
 
 def _cpu_list(cpus: set[int]) -> str:
