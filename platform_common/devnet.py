@@ -112,17 +112,21 @@ class Child:
         assert self.proc is not None
         deadline = time.monotonic() + timeout
         while not self.ready.exists():
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"{self.name} exited with {self.proc.returncode}; last log lines:\n"
-                    + self.tail()
-                )
+            self.raise_if_exited()
             if time.monotonic() > deadline:
                 raise RuntimeError(
                     f"{self.name} did not start within {timeout:g} s; see {self.log}"
                 )
             time.sleep(0.05)
         return self.ready.read_text().strip()
+
+    def raise_if_exited(self) -> None:
+        """Raise :class:`RuntimeError` with the last log lines once the process has exited
+        (reaping it)."""
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(
+                f"{self.name} exited with {self.proc.returncode}; last log lines:\n" + self.tail()
+            )
 
     def tail(self, lines: int = 15) -> str:
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -502,11 +506,7 @@ async def _supervise(children: list[Child], interval: float = 0.5) -> None:
     subnet with its last log lines, instead of leaving the live view reconnecting."""
     while True:
         for child in children:
-            if child.proc is not None and child.proc.poll() is not None:
-                raise RuntimeError(
-                    f"{child.name} exited with {child.proc.returncode}; last log lines:\n"
-                    + child.tail()
-                )
+            child.raise_if_exited()
         await asyncio.sleep(interval)
 
 
