@@ -24,9 +24,9 @@ connection for the p50 latency. The direct and Envoy runs of a pair follow each 
 and their order flips from one repetition to the next, so machine noise and drift hit
 both sides alike; the figures are the medians over ``--repeat`` repetitions. The CPU time
 each process spent per request (upstream, Envoy with its system time in brackets, wrk; from
-/proc and getrusage) is printed too: on a small machine the rate through Envoy is bounded by the sum of the three, not by
-the upstream alone. Envoy's counters show how many upstream connections carried the
-requests (keep-alive).
+/proc and getrusage) is printed too: on a small machine the rate through Envoy is bounded by
+the sum of the three, not by the upstream alone. Envoy's counters show how many upstream
+connections carried the requests (keep-alive).
 
 The signed-route cost (ext_authz: Envoy asks the master, which verifies the sr25519
 signature, checks registration and records the nonce in the database) comes from a
