@@ -130,11 +130,12 @@ class EdgeResources:
     """Output of the translator: protobuf messages, by xDS resource type.
 
     Each tuple holds messages of one type (``Cluster``,
-    ``ClusterLoadAssignment``, ``Listener``, ``RouteConfiguration``), sorted by
-    name, so equal states give byte-identical resources.
+    ``ClusterLoadAssignment``, ``Listener``, ``RouteConfiguration``, TLS ``Secret``),
+    sorted by name, so equal states give byte-identical resources.
     """
 
     clusters: tuple[Any, ...] = field(default=())
     endpoints: tuple[Any, ...] = field(default=())
     listeners: tuple[Any, ...] = field(default=())
     routes: tuple[Any, ...] = field(default=())
+    secrets: tuple[Any, ...] = field(default=())

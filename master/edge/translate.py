@@ -57,8 +57,14 @@ The connection cap and the heap limit are process-wide: they are in the bootstra
 
 TLS: with ``tls_cert_file`` and ``tls_key_file`` the listener serves HTTPS only (TLS 1.2 or
 later, ALPN ``h2`` then ``http/1.1``), so a miner's signed request and its answer cannot be
-read on the way: the signature stops forgery, not someone copying a submission. Envoy reads
-the two files when it takes the listener.
+read on the way: the signature stops forgery, not someone copying a submission. The listener
+names the certificate (``TLS_SECRET_NAME``) and Envoy fetches it over the same ADS stream
+(SDS): a ``Secret`` that holds the two paths, not the key itself, so the key never leaves
+Envoy's filesystem. Envoy watches the files' directory and loads a pair moved into
+place there (cert-manager's renewal of a mounted Kubernetes Secret swaps a symlink in that
+directory) into new connections without restarting; a pair it cannot load is refused and the
+previous one kept. A changed path is an SDS update alone: the listener, whose updates drain
+connections, does not change.
 
 Upstreams: a challenge whose public endpoint is an IP literal gets an EDS cluster and a
 ``ClusterLoadAssignment`` (endpoint moves are cheap EDS updates); a hostname gets a STRICT_DNS
@@ -99,7 +105,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2 as tls_common_pb2
-from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2, tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.v3 import http_status_pb2, percent_pb2, token_bucket_pb2
 from google.protobuf import duration_pb2, json_format, struct_pb2, wrappers_pb2
@@ -131,6 +137,8 @@ ROUTER_FILTER = "envoy.filters.http.router"
 
 HCM_FILTER = "envoy.filters.network.http_connection_manager"
 TLS_TRANSPORT_SOCKET = "envoy.transport_sockets.tls"
+# The SDS secret the HTTPS listener takes its certificate from.
+TLS_SECRET_NAME = "edge-tls"  # noqa: S105 - a resource name, no secret
 # What the HTTPS listener offers in ALPN, preferred first.
 TLS_ALPN = ("h2", "http/1.1")
 VIRTUAL_HOST_NAME = "edge"
@@ -219,6 +227,7 @@ def translate(state: EdgeState) -> EdgeResources:
         endpoints=tuple(sorted(endpoints, key=lambda m: m.cluster_name)),
         listeners=(_listener(settings),),
         routes=(_route_configuration(challenges, settings),),
+        secrets=(_tls_secret(settings),) if settings.tls_cert_file else (),
     )
 
 
@@ -227,9 +236,10 @@ def static_bootstrap(
 ) -> dict[str, Any]:
     """An Envoy bootstrap running ``resources`` with no control plane, as a JSON-ready dict.
 
-    EDS clusters get their load assignment inline (STATIC, or STRICT_DNS for hostnames) and
-    the connection manager gets the route configuration inline instead of RDS. Used to
-    validate translated configs and to run the edge in tests.
+    EDS clusters get their load assignment inline (STATIC, or STRICT_DNS for hostnames), the
+    connection manager gets the route configuration inline instead of RDS, and TLS secrets
+    are static secrets instead of SDS. Used to validate translated configs and to run the
+    edge in tests.
     """
     assignments = {cla.cluster_name: cla for cla in resources.endpoints}
     routes = {rc.name: rc for rc in resources.routes}
@@ -250,10 +260,17 @@ def static_bootstrap(
             for ep in group.lb_endpoints
         )
         cluster.load_assignment.CopyFrom(assignment)
+    bootstrap.static_resources.secrets.extend(resources.secrets)
     for source_listener in resources.listeners:
         listener = bootstrap.static_resources.listeners.add()
         listener.CopyFrom(source_listener)
         for chain in listener.filter_chains:
+            if chain.transport_socket.name == TLS_TRANSPORT_SOCKET:
+                tls = tls_pb2.DownstreamTlsContext()
+                chain.transport_socket.typed_config.Unpack(tls)
+                for sds in tls.common_tls_context.tls_certificate_sds_secret_configs:
+                    sds.ClearField("sds_config")  # a static secret, by name
+                _pack(chain.transport_socket.typed_config, tls)
             for network_filter in chain.filters:
                 if network_filter.name != HCM_FILTER:
                     continue
@@ -368,20 +385,30 @@ def _listener(settings: EdgeSettings) -> Any:
     _pack(network_filter.typed_config, _connection_manager(settings))
     if settings.tls_cert_file:
         chain.transport_socket.name = TLS_TRANSPORT_SOCKET
-        _pack(chain.transport_socket.typed_config, _downstream_tls(settings))
+        _pack(chain.transport_socket.typed_config, _downstream_tls())
     listener.filter_chains.append(chain)
     return listener
 
 
-def _downstream_tls(settings: EdgeSettings) -> Any:
+def _downstream_tls() -> Any:
     tls = tls_pb2.DownstreamTlsContext()
     common = tls.common_tls_context
     common.tls_params.tls_minimum_protocol_version = tls_common_pb2.TlsParameters.TLSv1_2
     common.alpn_protocols.extend(TLS_ALPN)
-    certificate = common.tls_certificates.add()
-    certificate.certificate_chain.filename = settings.tls_cert_file
-    certificate.private_key.filename = settings.tls_key_file
+    certificate = common.tls_certificate_sds_secret_configs.add(name=TLS_SECRET_NAME)
+    certificate.sds_config.CopyFrom(_ads_config_source())
     return tls
+
+
+def _tls_secret(settings: EdgeSettings) -> Any:
+    """The listener's certificate as paths Envoy reads and watches (SDS)."""
+    secret = secret_pb2.Secret(name=TLS_SECRET_NAME)
+    # Envoy watches the files' directories (its default without watched_directory): a file
+    # moved into one reloads the pair, as when the kubelet swaps a mounted Secret's ..data
+    # symlink, though tls.crt itself never changes.
+    secret.tls_certificate.certificate_chain.filename = settings.tls_cert_file
+    secret.tls_certificate.private_key.filename = settings.tls_key_file
+    return secret
 
 
 def _connection_manager(settings: EdgeSettings) -> Any:

@@ -1,6 +1,6 @@
 """The master's xDS server: one ADS stream (state of the world) per edge Envoy.
 
-Envoy gets every listener, route, cluster and endpoint from here. The design
+Envoy gets every listener, route, cluster, endpoint and TLS secret from here. The design
 follows what mature control planes (go-control-plane, java-control-plane,
 Istio) learned the hard way:
 
@@ -14,11 +14,13 @@ Istio) learned the hard way:
   all streams. Per stream only the small envelope (version, type, nonce) is
   encoded.
 * **Make before break, one step at a time.** Additions and updates go out
-  CDS -> EDS -> LDS -> RDS; what is removed goes away in the reverse order
-  (RDS -> LDS -> EDS -> CDS), so a route never points at a cluster Envoy does
-  not have. The first phase sends the new resources plus what Envoy still
-  holds from before; the second, only when something was removed, sends the
-  new set alone. Each step waits for Envoy's ACK or NACK (bounded by
+  CDS -> EDS -> SDS -> LDS -> RDS; what is removed goes away in the reverse
+  order (RDS -> LDS -> SDS -> EDS -> CDS), so a route never points at a
+  cluster Envoy does not have. (Envoy asks for a secret only once a listener
+  names it; a changed secret still goes out before the listeners.) The
+  first phase sends the new resources plus what Envoy still holds from
+  before; the second, only when something was removed, sends the new set
+  alone. Each step waits for Envoy's ACK or NACK (bounded by
   ``ack_timeout``) before the next one on that stream.
 * **Cluster warming.** Envoy holds its CDS ACK until new or changed clusters
   have warmed, and an EDS cluster warms only once it receives its
@@ -86,6 +88,7 @@ CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"  # noqa: S105
 
 # Metric labels and StreamInfo keys.
 TYPE_LABELS: Mapping[str, str] = {
@@ -93,9 +96,10 @@ TYPE_LABELS: Mapping[str, str] = {
     ENDPOINT: "endpoint",
     LISTENER: "listener",
     ROUTE: "route",
+    SECRET: "secret",
 }
-MAKE_ORDER = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
-BREAK_ORDER = (ROUTE, LISTENER, ENDPOINT, CLUSTER)
+MAKE_ORDER = (CLUSTER, ENDPOINT, SECRET, LISTENER, ROUTE)
+BREAK_ORDER = (ROUTE, LISTENER, SECRET, ENDPOINT, CLUSTER)
 
 # Where each type sits in EdgeResources, the protobuf message it must be, and
 # the field that names it.
@@ -104,10 +108,11 @@ _FIELDS: Mapping[str, tuple[str, str, str]] = {
     ENDPOINT: ("endpoints", "envoy.config.endpoint.v3.ClusterLoadAssignment", "cluster_name"),
     LISTENER: ("listeners", "envoy.config.listener.v3.Listener", "name"),
     ROUTE: ("routes", "envoy.config.route.v3.RouteConfiguration", "name"),
+    SECRET: ("secrets", "envoy.extensions.transport_sockets.tls.v3.Secret", "name"),
 }
 # State-of-the-world types: every response carries all resources, and a
-# resource missing from a response is removed by Envoy. EDS and RDS responses
-# carry what Envoy asked for by name; absence removes nothing.
+# resource missing from a response is removed by Envoy. EDS, SDS and RDS
+# responses carry what Envoy asked for by name; absence removes nothing.
 _WILDCARD_TYPES = frozenset({CLUSTER, LISTENER})
 # Once Envoy has taken a response of the key type, it asks for the value type
 # (clusters subscribe to their endpoints, listeners to their route configs).
@@ -219,7 +224,7 @@ class TypeStatus:
     """One resource type on one stream."""
 
     subscribed: bool
-    # Names Envoy asked for (EDS, RDS); empty for the wildcard types.
+    # Names Envoy asked for (EDS, SDS, RDS); empty for the wildcard types.
     resource_names: tuple[str, ...]
     sent_version: str
     acked_version: str
@@ -235,7 +240,7 @@ class TypeStatus:
 class Push:
     """One DiscoveryResponse sent on a stream."""
 
-    type: str  # "cluster", "endpoint", "listener", "route"
+    type: str  # "cluster", "endpoint", "listener", "route", "secret"
     version: str
     nonce: str
     resources: tuple[str, ...]
@@ -247,7 +252,7 @@ class StreamInfo:
     stream_id: int
     node_id: str
     peer: str
-    # By type label: "cluster", "endpoint", "listener", "route".
+    # By type label: "cluster", "endpoint", "listener", "route", "secret".
     types: Mapping[str, TypeStatus]
     # The configuration version this stream has nothing more to send or await
     # for ("" while a push or an ACK is outstanding). With a NACK, "settled"

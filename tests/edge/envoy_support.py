@@ -13,6 +13,7 @@ import http.client
 import itertools
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -512,9 +513,10 @@ class StubAuthz:
         self.stop()
 
 
-def self_signed_certificate(workdir: Path) -> tuple[Path, Path]:
-    """A throwaway certificate for 127.0.0.1 and its key (openssl, from the machine)."""
-    cert, key = workdir / "edge.crt", workdir / "edge.key"
+def self_signed_certificate(workdir: Path, name: str = "edge") -> tuple[Path, Path]:
+    """A throwaway certificate for 127.0.0.1 and its key (openssl, from the machine):
+    ``name``.crt and ``name``.key, the certificate's subject ``CN=name.test``."""
+    cert, key = workdir / f"{name}.crt", workdir / f"{name}.key"
     subprocess.run(
         [
             "openssl",
@@ -528,7 +530,7 @@ def self_signed_certificate(workdir: Path) -> tuple[Path, Path]:
             "-days",
             "2",
             "-subj",
-            "/CN=edge.test",
+            f"/CN={name}.test",
             "-addext",
             "subjectAltName=IP:127.0.0.1",
             "-keyout",
@@ -553,3 +555,54 @@ def https_get(port: int, cert: Path, target: str) -> tuple[int, bytes]:
         return response.status, response.read()
     finally:
         connection.close()
+
+
+def served_certificate(port: int) -> bytes:
+    """The certificate (DER) that 127.0.0.1:``port`` presents in a new TLS handshake."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return der
+
+
+def certificate_der(cert: Path) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(cert.read_text())
+
+
+class MountedSecret:
+    """A ``kubernetes.io/tls`` Secret as the kubelet mounts it, and renews it.
+
+    ``tls.crt`` and ``tls.key`` are symlinks through ``..data``, itself a symlink to a
+    timestamped directory. A renewal writes a new such directory and swaps ``..data`` to it
+    with one rename (the kubelet's atomic writer), so the two files change together and
+    ``tls.crt`` itself is never written or moved.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.cert = directory / "tls.crt"
+        self.key = directory / "tls.key"
+        self._generation = itertools.count(1)
+
+    def write(self, cert: Path, key: Path) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        data = self.directory / "..data"
+        previous = os.readlink(data) if data.is_symlink() else None
+        version = f"..2026_11_22_00_00_{next(self._generation):02d}"
+        (self.directory / version).mkdir()
+        (self.directory / version / "tls.crt").write_bytes(cert.read_bytes())
+        (self.directory / version / "tls.key").write_bytes(key.read_bytes())
+        staged = self.directory / "..data_tmp"
+        staged.symlink_to(version)
+        staged.rename(data)
+        for name in ("tls.crt", "tls.key"):
+            if not (self.directory / name).is_symlink():
+                (self.directory / name).symlink_to(f"..data/{name}")
+        if previous is not None:
+            shutil.rmtree(self.directory / previous)

@@ -27,16 +27,20 @@ from prometheus_client import REGISTRY
 
 from master.edge.model import VERIFIED_HOTKEY_HEADER, VERIFIED_UID_HEADER, EdgeResources
 from master.edge.proxy import EnvoyProcess, active_requests, drain, render_bootstrap
+from master.edge.xds import StreamInfo, XdsServer
 from platform_common.chain import LocalSubnet
 from platform_common.chain.local import dev_keypair
 from platform_common.miner import signed_headers
 from platform_network.v1 import registry_pb2
 from tests.edge.envoy_support import (
+    MountedSecret,
     RawResponse,
     UpstreamServer,
+    certificate_der,
     https_get,
     raw_request,
     self_signed_certificate,
+    served_certificate,
 )
 from tests.helpers import ACTIVE, INACTIVE, create, set_status
 from tests.support.master import ADMIN, VENV_BIN, RunningMaster, start_master
@@ -535,3 +539,88 @@ async def test_the_masters_certificate_puts_the_edge_on_https(edge: Edge) -> Non
     assert json.loads(body)["path"] == "/a"
     with pytest.raises((OSError, http.client.HTTPException)):
         await edge.get("/challenges/echo/a")
+
+
+async def _served(edge: Edge, cert: Path) -> None:
+    """Wait until a new connection to the edge is offered ``cert``, bounded."""
+    wanted = certificate_der(cert)
+    deadline = time.monotonic() + CONVERGE_SECONDS
+    got = b""
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            got = await asyncio.to_thread(served_certificate, edge.port)
+            if got == wanted:
+                return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the edge still offers another certificate than {cert.name}")
+
+
+async def _envoy_stats(edge: Edge, pattern: str) -> dict[str, int]:
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
+        session.get(f"{edge.envoy.admin_url}/stats", params={"filter": pattern}) as response,
+    ):
+        text = await response.text()
+    return {
+        name: int(value)
+        for name, _, value in (line.partition(": ") for line in text.splitlines())
+        if value.isdigit()
+    }
+
+
+def _edge_stream(xds: XdsServer) -> StreamInfo:
+    return next(s for s in xds.streams() if s.node_id == "edge-test")
+
+
+async def test_a_renewed_certificate_reaches_new_connections_without_a_restart(
+    edge: Edge,
+) -> None:
+    """Kubernetes renews a mounted Secret by swapping the ``..data`` symlink in its directory.
+    Envoy watches that directory (the certificate comes over SDS) and offers the new
+    certificate to new connections: the same Envoy process, nothing pushed by the master. A
+    renewal to a pair Envoy cannot load is refused, and the certificate before it kept."""
+    first, second, third = (self_signed_certificate(edge.tmp, n) for n in ("one", "two", "three"))
+    mount = MountedSecret(edge.tmp / "edge-tls")
+    mount.write(*first)
+    await _activate(edge, "echo")
+    await edge.running.close()
+    edge.settings = {"edge_tls_cert": str(mount.cert), "edge_tls_key": str(mount.key)}
+    await edge.start_master()
+    await _served(edge, first[0])
+    pid = edge.envoy.pid
+    xds = edge.running.master._xds
+    assert xds is not None
+    deadline = time.monotonic() + CONVERGE_SECONDS
+    while (stream := _edge_stream(xds)).settled_version != xds.version:
+        assert time.monotonic() < deadline, "the edge's stream did not settle"
+        await asyncio.sleep(0.05)
+    assert stream.types["secret"].resource_names == ("edge-tls",)
+    assert stream.types["secret"].acks == 1
+    pushes = len(stream.pushes)
+
+    mount.write(*second)
+    await _served(edge, second[0])
+    status, body = await asyncio.to_thread(https_get, edge.port, second[0], "/challenges/echo/a")
+    assert status == 200, body
+
+    # A renewal to a key that is not the certificate's is refused; the second pair stays.
+    failed = "sds.edge-tls.key_rotation_failed"
+    assert (await _envoy_stats(edge, failed))[failed] == 0
+    mount.write(second[0], third[1])
+    deadline = time.monotonic() + CONVERGE_SECONDS
+    while (await _envoy_stats(edge, failed))[failed] == 0:
+        assert time.monotonic() < deadline, "Envoy did not try the broken pair"
+        await asyncio.sleep(0.05)
+    assert await asyncio.to_thread(served_certificate, edge.port) == certificate_der(second[0])
+    status, _ = await asyncio.to_thread(https_get, edge.port, second[0], "/challenges/echo/a")
+    assert status == 200
+    assert "Failed to reload certificates" in edge.envoy.log_tail(chars=100_000)
+
+    # The next good renewal is taken.
+    mount.write(*third)
+    await _served(edge, third[0])
+    assert edge.envoy.pid == pid
+    assert len(_edge_stream(xds).pushes) == pushes
+    # The expiry operators are told to alert on (the test certificates last two days).
+    (expiry,) = (await _envoy_stats(edge, r"ssl\.certificate\.edge-tls\.expiration")).values()
+    assert time.time() + 86400 < expiry <= time.time() + 2 * 86400

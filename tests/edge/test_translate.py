@@ -42,12 +42,12 @@ from master.edge.model import (
     cluster_name,
 )
 from master.edge.translate import static_bootstrap, translate
-from tests.edge.envoy_support import validate
+from tests.edge.envoy_support import self_signed_certificate, validate
 from tests.support.ports import free_port
 
 GOLDEN = Path(__file__).parent / "golden"
 REGEN_ENV = "PLATFORM_REGEN_GOLDEN"
-KINDS = ("clusters", "endpoints", "listeners", "routes")
+KINDS = ("clusters", "endpoints", "listeners", "routes", "secrets")
 
 DEFAULT_LIMITS = EdgeLimits(
     rate_per_hotkey_per_minute=60,
@@ -69,6 +69,16 @@ CASES: dict[str, EdgeState] = {
     "unplaced": EdgeState(
         settings=EdgeSettings(),
         challenges=(EdgeChallenge("pending", "", 0, DEFAULT_LIMITS),),
+    ),
+    # HTTPS: the listener names its certificate, a secret that holds the two paths.
+    "https": EdgeState(
+        settings=EdgeSettings(
+            listen_host="0.0.0.0",
+            listen_port=8443,
+            tls_cert_file="/etc/platform-edge-tls/tls.crt",
+            tls_key_file="/etc/platform-edge-tls/tls.key",
+        ),
+        challenges=(EdgeChallenge("echo", "10.0.0.5", 8000, DEFAULT_LIMITS),),
     ),
     "unsigned_defaults": EdgeState(
         settings=EdgeSettings(),
@@ -233,7 +243,15 @@ def test_translation_is_identical_across_processes() -> None:
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_static_bootstrap_passes_envoy_validate(case: str, tmp_path: Path) -> None:
-    result = validate(bootstrap_of(CASES[case]), tmp_path)
+    state = CASES[case]
+    if state.settings.tls_cert_file:
+        # Envoy loads the certificate to validate: a real one stands in for the case's paths.
+        cert, key = self_signed_certificate(tmp_path)
+        settings = dataclasses.replace(
+            state.settings, tls_cert_file=str(cert), tls_key_file=str(key)
+        )
+        state = dataclasses.replace(state, settings=settings)
+    result = validate(bootstrap_of(state), tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -431,3 +449,20 @@ def test_static_bootstrap_inlines_endpoints_and_routes() -> None:
     assert route_config["name"] == ROUTE_CONFIG_NAME
     hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
     assert "rds" not in hcm["typed_config"]
+
+
+def test_a_new_certificate_path_changes_the_secret_and_not_the_listener() -> None:
+    """Moving the certificate is an SDS update alone: the listener, whose updates drain
+    Envoy's connections, stays byte-identical. Without a certificate there is no secret."""
+    state = CASES["https"]
+    moved = dataclasses.replace(
+        state.settings, tls_cert_file="/tls/new/tls.crt", tls_key_file="/tls/new/tls.key"
+    )
+    before, after = translate(state), translate(dataclasses.replace(state, settings=moved))
+    assert serialized(dataclasses.replace(before, secrets=())) == serialized(
+        dataclasses.replace(after, secrets=())
+    )
+    (secret,) = after.secrets
+    assert secret.tls_certificate.certificate_chain.filename == "/tls/new/tls.crt"
+    assert secret.tls_certificate.private_key.filename == "/tls/new/tls.key"
+    assert translate(CASES["unsigned_defaults"]).secrets == ()

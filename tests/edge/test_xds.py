@@ -33,6 +33,7 @@ from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2, tls_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import empty_pb2
 from prometheus_client import REGISTRY
@@ -45,6 +46,7 @@ from master.edge.model import (
 )
 from master.edge.proxy import EnvoyProcess, render_bootstrap
 from master.edge.xds import StreamInfo, XdsServer
+from tests.edge.envoy_support import certificate_der, self_signed_certificate, served_certificate
 from tests.support import waiting
 
 DEBOUNCE = 0.05
@@ -55,6 +57,7 @@ MAIN_LISTENER = "edge_http"
 EXTRA_LISTENER = "edge_http_extra"
 LABELS = ("cluster", "endpoint", "listener", "route")
 TOKEN = "test-edge-token"
+TLS_SECRET = "edge-cert"
 CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 
 
@@ -78,7 +81,7 @@ def assignment(name: str, port: int) -> Any:
     return cla
 
 
-def listener(name: str, *, invalid: bool = False) -> Any:
+def listener(name: str, *, invalid: bool = False, tls_secret: str = "") -> Any:
     hcm = hcm_pb2.HttpConnectionManager(stat_prefix=name)
     hcm.rds.route_config_name = ROUTES
     hcm.rds.config_source.ads.SetInParent()
@@ -96,7 +99,23 @@ def listener(name: str, *, invalid: bool = False) -> Any:
         network.typed_config.Pack(empty_pb2.Empty())
     else:
         network.typed_config.Pack(hcm)
+    if tls_secret:
+        # HTTPS, the certificate fetched over ADS (SDS) by name.
+        tls = tls_pb2.DownstreamTlsContext()
+        sds = tls.common_tls_context.tls_certificate_sds_secret_configs.add(name=tls_secret)
+        sds.sds_config.ads.SetInParent()
+        sds.sds_config.resource_api_version = config_source_pb2.V3
+        socket = out.filter_chains[0].transport_socket
+        socket.name = "envoy.transport_sockets.tls"
+        socket.typed_config.Pack(tls)
     return out
+
+
+def tls_secret(name: str, cert: Path, key: Path) -> Any:
+    secret = secret_pb2.Secret(name=name)
+    secret.tls_certificate.certificate_chain.filename = str(cert)
+    secret.tls_certificate.private_key.filename = str(key)
+    return secret
 
 
 def route_config(paths: Mapping[str, str], *, invalid_regex: bool = False) -> Any:
@@ -121,16 +140,22 @@ def config(
     invalid_regex: bool = False,
     invalid_listener: bool = False,
     connect_timeout_ms: int = 1000,
+    certificate: tuple[Path, Path] | None = None,
 ) -> EdgeResources:
-    """One cluster per upstream, routed at /<name>/; optionally a second listener."""
+    """One cluster per upstream, routed at /<name>/; optionally a second listener, and
+    HTTPS on the listeners with ``certificate`` (over SDS, as the secret ``TLS_SECRET``)."""
     paths = {f"/{name}/": name for name in upstreams}
     paths.update(extra_paths or {})
     listeners = [MAIN_LISTENER] + ([EXTRA_LISTENER] if extra_listener else [])
+    secret = TLS_SECRET if certificate else ""
     return EdgeResources(
         clusters=tuple(cluster(n, connect_timeout_ms) for n in sorted(upstreams)),
         endpoints=tuple(assignment(n, p) for n, p in sorted(upstreams.items())),
-        listeners=tuple(listener(n, invalid=invalid_listener) for n in sorted(listeners)),
+        listeners=tuple(
+            listener(n, invalid=invalid_listener, tls_secret=secret) for n in sorted(listeners)
+        ),
         routes=(route_config(paths, invalid_regex=invalid_regex),),
+        secrets=(tls_secret(TLS_SECRET, *certificate),) if certificate else (),
     )
 
 
@@ -490,6 +515,80 @@ async def test_rejected_listener_holds_back_the_routes_of_that_config(
     stream = await converged(edge.xds, "edge-1")
     assert pushed_types(stream, before) == ["listener", "route"]
     await serves(port, "/c/x", 200, "a /c/x")
+
+
+async def test_a_certificate_comes_over_sds_and_changes_without_the_listener(
+    edge: Edge, envoy: EnvoyProcess
+) -> None:
+    """The HTTPS listener names its certificate; Envoy asks for it (SDS over the same ADS
+    stream) and serves it. Another certificate is an SDS push alone, so the listener, whose
+    updates drain connections, stays. One Envoy cannot load is NACKed, counted, not pushed
+    again, and the certificate before it stays in use. New files moved over the old ones are
+    taken with no push at all."""
+    one = self_signed_certificate(edge.tmp, "one")
+    (edge.tmp / "renewed").mkdir()
+    two = self_signed_certificate(edge.tmp / "renewed", "two")
+    await converged(edge.xds, "edge-1")
+    await change(edge.xds, edge.base(certificate=one))
+    stream = await converged(edge.xds, "edge-1")
+    port = await port_of(envoy, MAIN_LISTENER)
+
+    async def offers(port: int, cert: Path) -> None:
+        async def check() -> bool:
+            try:
+                return await asyncio.to_thread(served_certificate, port) == certificate_der(cert)
+            except OSError:
+                return False
+
+        await eventually(check, f"the listener on :{port} offers {cert.name}")
+
+    await offers(port, one[0])
+    assert stream.types["secret"].resource_names == (TLS_SECRET,)
+    assert stream.types["secret"].acked_version == edge.xds.type_versions()["secret"]
+    listener_pushes = stream.types["listener"].pushes
+
+    before = len(stream.pushes)
+    await change(edge.xds, edge.base(certificate=two))
+    stream = await converged(edge.xds, "edge-1")
+    await offers(port, two[0])
+    assert pushed_types(stream, before) == ["secret"]
+    assert stream.types["listener"].pushes == listener_pushes
+
+    # A key that does not exist: rejected, and Envoy keeps the second certificate.
+    nacks_before = sample("platform_xds_nacks_total", type="secret")
+    before = len(stream.pushes)
+    await change(edge.xds, edge.base(certificate=(two[0], edge.tmp / "missing.key")))
+
+    async def rejected() -> bool:
+        seen = stream_of(edge.xds, "edge-1")
+        return seen is not None and seen.types["secret"].nacks == 1
+
+    await eventually(rejected, "Envoy NACKs the secret whose key it cannot read")
+    await asyncio.sleep(DEBOUNCE * 6)
+    stream = await settled(edge.xds, "edge-1")
+    assert pushed_types(stream, before) == ["secret"]
+    assert "missing.key" in stream.types["secret"].nack_message
+    assert sample("platform_xds_nacks_total", type="secret") == nacks_before + 1
+    await offers(port, two[0])
+
+    # With a new listener too, the certificate goes out before the listeners (make before
+    # break), and the new listener takes it.
+    before = len(stream.pushes)
+    await change(edge.xds, edge.with_b(certificate=one))
+    stream = await converged(edge.xds, "edge-1")
+    assert pushed_types(stream, before) == ["cluster", "endpoint", "secret", "listener", "route"]
+    await offers(port, one[0])
+    await offers(await port_of(envoy, EXTRA_LISTENER), one[0])
+
+    # Renewed where it is, new files moved over the old ones: Envoy watches the directory.
+    (edge.tmp / "staged").mkdir()
+    four_cert, four_key = self_signed_certificate(edge.tmp / "staged", "four")
+    renewed = certificate_der(four_cert)
+    assert renewed != certificate_der(one[0])
+    four_key.replace(one[1])
+    four_cert.replace(one[0])
+    await offers(port, one[0])
+    assert certificate_der(one[0]) == renewed
 
 
 async def test_master_restart_keeps_traffic_and_versions(edge: Edge, envoy: EnvoyProcess) -> None:
