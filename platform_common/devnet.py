@@ -30,9 +30,10 @@ from typing import Any
 import grpc
 
 from platform_common.files import write_atomically
+from platform_common.ports import free_port
 from platform_common.runtime import images
 from platform_common.runtime.interface import RuntimeBusy
-from platform_common.runtime.local import LocalRuntime, free_ports, recorded_slugs
+from platform_common.runtime.local import LocalRuntime, recorded_slugs
 from platform_network.v1 import registry_pb2, registry_pb2_grpc, weights_pb2, weights_pb2_grpc
 
 STATE_DIR = Path(".dev")
@@ -148,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     # The master, the chain, the metrics server and Envoy's admin report the port they
     # bound; the edge's public port is only known if chosen here.
     if args.edge_port == 0:
-        (args.edge_port,) = free_ports(1)
+        args.edge_port = free_port()
     state = Path(args.state_dir)
     state.mkdir(parents=True, exist_ok=True)
     logs = state / "logs"

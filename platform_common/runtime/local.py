@@ -40,7 +40,6 @@ import logging
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -51,6 +50,7 @@ from typing import Any
 
 from platform_common.config import ConfigError, join_host_port, parse_host_port
 from platform_common.files import write_atomically
+from platform_common.ports import free_ports
 from platform_common.runtime.images import ImageEntry, ImageMap, UnknownImage
 from platform_common.runtime.interface import (
     Instance,
@@ -211,17 +211,6 @@ async def _until(done: Callable[[], bool], within: float) -> None:
         if done() or time.monotonic() >= deadline:
             return
         await asyncio.sleep(_READY_POLL)
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct free ports (all held at once while picking, so none repeats)."""
-    with contextlib.ExitStack() as stack:
-        ports = []
-        for _ in range(count):
-            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            sock.bind((HOST, 0))
-            ports.append(int(sock.getsockname()[1]))
-        return ports
 
 
 def _tail(path: Path) -> str:
