@@ -126,11 +126,11 @@ from master.registry.rules import RATE_LIMIT_MAX
 from platform_common.chain import LocalSubnet
 from platform_common.chain.local import dev_keypair
 from platform_common.miner import signed_headers
+from platform_common.ports import free_port
 from platform_network.v1 import registry_pb2, registry_pb2_grpc
 from tests.epochs.live import launch
 from tests.helpers import ACTIVE, spec
 from tests.support.master import ADMIN, MasterProcess
-from tests.support.ports import free_port
 
 MODULE = "bench.edge"
 INSTALL = "apt-get install -y wrk nginx"

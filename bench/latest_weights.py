@@ -66,10 +66,10 @@ from bench.common import (
     table,
     targets_status,
 )
+from platform_common.ports import free_port
 from platform_network.v1 import weights_pb2
 from tests.support import metrics
 from tests.support.master import ADMIN, ADMIN_TOKEN, MasterProcess, epoch_master_process
-from tests.support.ports import free_port
 
 MODULE = "bench.latest_weights"
 TARGET_RPS = 3000

@@ -34,8 +34,8 @@ from bench.common import (
     rss_mib,
     table,
 )
+from platform_common.ports import free_port
 from tests.support.devnet import launch
-from tests.support.ports import free_port
 
 
 def _validator_pids(state: Path) -> list[int]:
