@@ -66,6 +66,12 @@ and the master to one CPU, so the rate through Envoy is bounded by Envoy's and w
 time per request on that CPU; without it the scheduler places all of them on both CPUs, and
 the rate through Envoy is bounded by the three processes' summed CPU time instead.
 
+``--https`` puts the edge on HTTPS as ``--edge-tls-cert`` does (a throwaway self-signed
+certificate from ``openssl``), and the reference Envoy too, with the same TLS versions and
+ALPN. The upstreams and the direct runs stay plain HTTP, so the Envoy figures then include
+what TLS costs: wrk's connections are kept alive, so that is the record-layer encryption of
+every request and answer plus one handshake per connection.
+
 Needs ``wrk`` and ``nginx`` (Debian: ``apt-get install -y wrk nginx``).
 
 Exit status: 0 when every target holds; 1 when one is missed; 2 on an error, a failed
@@ -73,7 +79,7 @@ run or missing tools.
 
     python -m bench.edge [--seconds 3] [--repeat 3] [--connections 16] [--signed 300]
                          [--envoy-concurrency N] [--postgres] [--no-reference]
-                         [--pin-upstreams]
+                         [--pin-upstreams] [--https]
 """
 
 from __future__ import annotations
@@ -90,6 +96,7 @@ import resource
 import secrets
 import shutil
 import signal
+import ssl
 import statistics
 import subprocess
 import sys
@@ -121,13 +128,14 @@ from bench.common import (
 )
 from master.edge.model import PUBLIC_PREFIX, cluster_name
 from master.edge.proxy import EnvoyProcess, render_bootstrap
-from master.edge.translate import HCM_FILTER, ROUTER_FILTER
+from master.edge.translate import HCM_FILTER, ROUTER_FILTER, TLS_ALPN, TLS_TRANSPORT_SOCKET
 from master.registry.rules import RATE_LIMIT_MAX
 from platform_common.chain import LocalSubnet
 from platform_common.chain.local import dev_keypair
 from platform_common.miner import signed_headers
 from platform_common.ports import free_port
 from platform_network.v1 import registry_pb2, registry_pb2_grpc
+from tests.edge.envoy_support import self_signed_certificate
 from tests.epochs.live import launch
 from tests.helpers import ACTIVE, spec
 from tests.support.master import ADMIN, MasterProcess
@@ -160,6 +168,9 @@ HCM_TYPE = (
     "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 )
 ROUTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+DOWNSTREAM_TLS_TYPE = (
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
+)
 
 
 class RunFailed(Exception):
@@ -347,8 +358,22 @@ class Nginx:
                 self.proc.wait(timeout=10)
 
 
-def _get(port: int, target: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+def _connection(
+    port: int, tls: ssl.SSLContext | None, timeout: float
+) -> http.client.HTTPConnection:
+    """HTTP to 127.0.0.1:``port``, or HTTPS trusting ``tls``'s certificates."""
+    if tls is None:
+        return http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    return http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout, context=tls)
+
+
+def _get(
+    port: int,
+    target: str,
+    headers: dict[str, str] | None = None,
+    tls: ssl.SSLContext | None = None,
+) -> tuple[int, bytes]:
+    connection = _connection(port, tls, timeout=5)
     try:
         connection.request("GET", target, headers=headers or {})
         answer = connection.getresponse()
@@ -373,6 +398,8 @@ class Site:
     # The reference Envoy (router filter only); 0 when it does not run.
     reference_port: int = 0
     reference_pid: int = 0
+    # With --https: trusts the certificate both Envoys serve; None: plain HTTP.
+    tls: ssl.SSLContext | None = None
 
 
 def _routes(signed: tuple[str, ...] = ()) -> registry_pb2.PublicRoutes:
@@ -390,10 +417,14 @@ def _socket_address(host: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
 
 
-def reference_bootstrap(listen_port: int, upstreams: Mapping[str, str]) -> str:
+def reference_bootstrap(
+    listen_port: int, upstreams: Mapping[str, str], certificate: tuple[Path, Path] | None = None
+) -> str:
     """The reference Envoy's bootstrap (JSON text): ``upstreams`` maps a slug to the
     ``host:port`` of its public API, and ``/challenges/{slug}/...`` goes there as ``/...``
-    through the router filter alone. Envoy's defaults otherwise, as the edge's clusters."""
+    through the router filter alone. Envoy's defaults otherwise, as the edge's clusters.
+    With ``certificate`` (chain, key) it serves HTTPS as the edge does (same TLS versions
+    and ALPN), the certificate inline instead of over SDS."""
     routes: list[dict[str, Any]] = []
     clusters: list[dict[str, Any]] = []
     for slug, address in sorted(upstreams.items()):
@@ -431,10 +462,29 @@ def reference_bootstrap(listen_port: int, upstreams: Mapping[str, str]) -> str:
         },
         "http_filters": [{"name": ROUTER_FILTER, "typed_config": {"@type": ROUTER_TYPE}}],
     }
+    chain: dict[str, Any] = {"filters": [{"name": HCM_FILTER, "typed_config": manager}]}
+    if certificate is not None:
+        cert, key = certificate
+        chain["transport_socket"] = {
+            "name": TLS_TRANSPORT_SOCKET,
+            "typed_config": {
+                "@type": DOWNSTREAM_TLS_TYPE,
+                "common_tls_context": {
+                    "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
+                    "alpn_protocols": list(TLS_ALPN),
+                    "tls_certificates": [
+                        {
+                            "certificate_chain": {"filename": str(cert)},
+                            "private_key": {"filename": str(key)},
+                        }
+                    ],
+                },
+            },
+        }
     listener = {
         "name": "reference",
         "address": _socket_address("127.0.0.1", listen_port),
-        "filter_chains": [{"filters": [{"name": HCM_FILTER, "typed_config": manager}]}],
+        "filter_chains": [chain],
     }
     bootstrap = {
         "admin": {"address": _socket_address("127.0.0.1", 0)},
@@ -444,14 +494,18 @@ def reference_bootstrap(listen_port: int, upstreams: Mapping[str, str]) -> str:
 
 
 def _wait_routed(
-    port: int, target: str, status: int, headers: Callable[[], dict[str, str]]
+    port: int,
+    target: str,
+    status: int,
+    headers: Callable[[], dict[str, str]],
+    tls: ssl.SSLContext | None = None,
 ) -> None:
     """Until the edge answers ``target`` with ``status`` (xDS has converged), bounded."""
     deadline = time.monotonic() + ROUTED_TIMEOUT_S
     got: tuple[int, bytes] = (0, b"")
     while time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            got = _get(port, target, headers())
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            got = _get(port, target, headers(), tls)
             if got[0] == status:
                 return
         time.sleep(0.1)
@@ -466,10 +520,11 @@ def site(
     envoy_concurrency: int = 0,
     *,
     reference: bool = True,
+    https: bool = False,
 ) -> Iterator[Site]:
     """Everything the measurements need, stopped (by PID) on the way out;
     ``envoy_concurrency`` 0 is Envoy's default (one worker per CPU); ``reference``: the
-    reference Envoy too."""
+    reference Envoy too; ``https``: both Envoys serve HTTPS (a throwaway certificate)."""
     chain = workdir / "chain.json"
     LocalSubnet.create(chain, netuid=1, neurons=8, validators=2, manual_blocks=True)
     placement = workdir / "placement.json"
@@ -478,6 +533,13 @@ def site(
     key.write_text(secrets.token_hex(32))
     edge_token = secrets.token_urlsafe(EDGE_TOKEN_BYTES)
     edge_port = free_port()
+    certificate = self_signed_certificate(workdir) if https else None
+    tls = ssl.create_default_context(cafile=str(certificate[0])) if certificate else None
+    tls_flags = (
+        ["--edge-tls-cert", str(certificate[0]), "--edge-tls-key", str(certificate[1])]
+        if certificate
+        else []
+    )
     nginx = Nginx(nginx_binary, workdir / "nginx")
     master = MasterProcess(
         workdir / "master",
@@ -496,6 +558,7 @@ def site(
         str(RATE_LIMIT_MAX),
         "--log-level",
         "warning",
+        *tls_flags,
         env={"PLATFORM_HOTKEY": MASTER_HOTKEY, "PLATFORM_EDGE_TOKEN": edge_token},
     )
     with contextlib.ExitStack() as stops:
@@ -552,20 +615,26 @@ def site(
         def unsigned() -> dict[str, str]:
             return {}
 
-        _wait_routed(edge_port, f"/challenges/{SUM}/task?id=7", 200, unsigned)
-        _wait_routed(edge_port, f"/challenges/{STATIC}/{STATIC_FILE}", 200, unsigned)
+        _wait_routed(edge_port, f"/challenges/{SUM}/task?id=7", 200, unsigned, tls)
+        _wait_routed(edge_port, f"/challenges/{STATIC}/{STATIC_FILE}", 200, unsigned, tls)
         # The signed prefix really is signed: refused without a signature, served with one.
-        _wait_routed(edge_port, _signed_target(), 401, unsigned)
+        _wait_routed(edge_port, _signed_target(), 401, unsigned, tls)
         miner = dev_keypair("hotkey", MINER_UID)
         _wait_routed(
-            edge_port, _signed_target(), 200, lambda: signed_headers(miner, "GET", _signed_target())
+            edge_port,
+            _signed_target(),
+            200,
+            lambda: signed_headers(miner, "GET", _signed_target()),
+            tls,
         )
         reference_port = reference_pid = 0
         if reference:
             reference_port = free_port()
             bare = EnvoyProcess(
                 reference_bootstrap(
-                    reference_port, {SUM: sum_public, STATIC: f"127.0.0.1:{nginx_port}"}
+                    reference_port,
+                    {SUM: sum_public, STATIC: f"127.0.0.1:{nginx_port}"},
+                    certificate,
                 ),
                 work_dir=workdir / "envoy-reference",
                 log_level="warning",
@@ -574,8 +643,8 @@ def site(
             stops.callback(_stop_envoy, loop, bare)
             loop.run_until_complete(bare.start())
             loop.run_until_complete(bare.wait_ready(timeout=30))
-            _wait_routed(reference_port, f"/challenges/{SUM}/task?id=7", 200, unsigned)
-            _wait_routed(reference_port, f"/challenges/{STATIC}/{STATIC_FILE}", 200, unsigned)
+            _wait_routed(reference_port, f"/challenges/{SUM}/task?id=7", 200, unsigned, tls)
+            _wait_routed(reference_port, f"/challenges/{STATIC}/{STATIC_FILE}", 200, unsigned, tls)
             reference_pid = bare.pid
         assert nginx.proc is not None
         sum_process = challenge.processes[0].proc
@@ -591,6 +660,7 @@ def site(
             envoy_admin=envoy.admin_url,
             reference_port=reference_port,
             reference_pid=reference_pid,
+            tls=tls,
         )
 
 
@@ -685,10 +755,13 @@ def measure_wrk(
     return out
 
 
-def measure_signed(port: int, count: int, repeat: int) -> tuple[list[float], list[float]]:
+def measure_signed(
+    port: int, count: int, repeat: int, tls: ssl.SSLContext | None = None
+) -> tuple[list[float], list[float]]:
     """Per-request latency (ms) of signed and unsigned GETs of the same nginx file, one at a
-    time over one keep-alive connection; ``count`` of each per repetition, after a warm-up
-    (the first signed request opens Envoy's gRPC connection to the master)."""
+    time over one keep-alive connection (HTTPS trusting ``tls``'s certificates, if given);
+    ``count`` of each per repetition, after a warm-up (the first signed request opens Envoy's
+    gRPC connection to the master)."""
     miner = dev_keypair("hotkey", MINER_UID)
     signed_target = _signed_target()
     public_target = f"/challenges/{STATIC}/{STATIC_FILE}"
@@ -705,7 +778,7 @@ def measure_signed(port: int, count: int, repeat: int) -> tuple[list[float], lis
             raise RunFailed(f"{target} answered {answer.status}: {body[:200]!r}")
         return elapsed
 
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    connection = _connection(port, tls, timeout=10)
     try:
         for rep in range(repeat + 1):
             warmup = rep == 0
@@ -780,7 +853,14 @@ def run(args: argparse.Namespace, workdir: Path, wrk: str, nginx: str) -> int:
     # (each accepted signed request commits one nonce row).
     with (
         database(backend, workdir, durable=True) as db,
-        site(workdir, nginx, db.url, args.envoy_concurrency, reference=not args.no_reference) as s,
+        site(
+            workdir,
+            nginx,
+            db.url,
+            args.envoy_concurrency,
+            reference=not args.no_reference,
+            https=args.https,
+        ) as s,
     ):
         placement = ""
         if args.pin_upstreams:
@@ -798,9 +878,11 @@ def run(args: argparse.Namespace, workdir: Path, wrk: str, nginx: str) -> int:
         if s.reference_pid:
             proxies["reference"] = (s.reference_port, s.reference_pid)
 
+        scheme = "https" if s.tls else "http"
+
         def urls(direct: str, slug: str, path: str) -> dict[str, str]:
             return {"direct": direct} | {
-                side: f"http://127.0.0.1:{port}/challenges/{slug}{path}"
+                side: f"{scheme}://127.0.0.1:{port}/challenges/{slug}{path}"
                 for side, (port, _) in proxies.items()
             }
 
@@ -819,7 +901,7 @@ def run(args: argparse.Namespace, workdir: Path, wrk: str, nginx: str) -> int:
         meter = CpuMeter([os.getpid()])
         meter.start()
         sides = measure_wrk(wrk, upstreams, args, {side: pid for side, (_, pid) in proxies.items()})
-        signed, public = measure_signed(s.edge_port, args.signed, args.repeat)
+        signed, public = measure_signed(s.edge_port, args.signed, args.repeat, s.tls)
         _, other = meter.stop()
         counters = envoy_counters(s.envoy_admin)
 
@@ -832,6 +914,12 @@ def run(args: argparse.Namespace, workdir: Path, wrk: str, nginx: str) -> int:
         f"Envoy with {workers} worker thread(s); master in its own process, on {backend}"
         f"{placement}"
     )
+    if args.https:
+        print(
+            "HTTPS: both Envoys terminate TLS (a self-signed P-256 certificate); direct runs "
+            "stay plain HTTP, so the Envoy figures include TLS. Connections are kept alive: "
+            "one handshake each"
+        )
     rows: list[list[object]] = []
     cpu_rows: list[list[object]] = []
     for upstream in upstreams:
@@ -1012,6 +1100,11 @@ def main() -> int:
         "--pin-upstreams",
         action="store_true",
         help="the upstreams on the first CPU, wrk, Envoy and the rest on the others (needs 2 CPUs)",
+    )
+    parser.add_argument(
+        "--https",
+        action="store_true",
+        help="the edge (and the reference Envoy) on HTTPS, as with --edge-tls-cert",
     )
     parser.add_argument("--timeout", type=float, default=300, help="hard time limit, seconds")
     args = parser.parse_args()
