@@ -13,6 +13,7 @@ import contextlib
 import http.client
 import json
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
@@ -597,11 +598,30 @@ async def test_a_renewed_certificate_reaches_new_connections_without_a_restart(
     assert stream.types["secret"].resource_names == ("edge-tls",)
     assert stream.types["secret"].acks == 1
     pushes = len(stream.pushes)
+    # A connection opened before the renewal, kept alive across it.
+    context = ssl.create_default_context(cafile=str(first[0]))
+    kept = http.client.HTTPSConnection("127.0.0.1", edge.port, context=context, timeout=10)
 
-    mount.write(*second)
-    await _served(edge, second[0])
-    status, body = await asyncio.to_thread(https_get, edge.port, second[0], "/challenges/echo/a")
-    assert status == 200, body
+    def get_on_kept() -> int:
+        kept.request("GET", "/challenges/echo/a")
+        answer = kept.getresponse()
+        answer.read()
+        return answer.status
+
+    try:
+        assert await asyncio.to_thread(get_on_kept) == 200
+        mount.write(*second)
+        await _served(edge, second[0])
+        status, body = await asyncio.to_thread(
+            https_get, edge.port, second[0], "/challenges/echo/a"
+        )
+        assert status == 200, body
+        # Open connections keep the certificate they were made with.
+        assert await asyncio.to_thread(get_on_kept) == 200
+        assert kept.sock is not None
+        assert kept.sock.getpeercert(binary_form=True) == certificate_der(first[0])
+    finally:
+        kept.close()
 
     # A renewal to a key that is not the certificate's is refused; the second pair stays.
     failed = "sds.edge-tls.key_rotation_failed"
