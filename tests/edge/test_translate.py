@@ -23,6 +23,8 @@ from typing import Any
 import pytest
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import protocol_pb2
+from envoy.config.route.v3 import route_components_pb2
+from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2
 from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
@@ -394,6 +396,25 @@ def test_signed_root_leaves_no_public_route_and_dedupes_blocked_prefixes() -> No
     assert "vault:signed:/" in names
     assert names.count("vault:blocked:/admin") == 1
     assert "vault:blocked:/Debug" in names
+
+
+def test_filters_off_by_default_are_off_by_envoys_generic_switch() -> None:
+    # FilterConfig(disabled) keeps Envoy from creating the filter for a request at all; a
+    # filter's own "disabled" field (ExtAuthzPerRoute) would create it on every unsigned
+    # request only to step aside (about 18,000 instructions: docs/performance.md).
+    (config,) = translate(CASES["signed_subpaths_custom_limits"]).routes
+    (host,) = config.virtual_hosts
+    for name in ("envoy.filters.http.ext_authz", "rate_limit_ip", "rate_limit_hotkey"):
+        switch = route_components_pb2.FilterConfig()
+        assert host.typed_per_filter_config[name].Unpack(switch), name
+        assert switch.disabled, name
+    # Signed routes turn ext_authz back on with its own config.
+    signed = [r for r in config.virtual_hosts[0].routes if ":signed:" in r.name]
+    assert signed
+    for route in signed:
+        authz = ext_authz_pb2.ExtAuthzPerRoute()
+        assert route.typed_per_filter_config["envoy.filters.http.ext_authz"].Unpack(authz)
+        assert authz.check_settings.context_extensions["slug"] == "arena"
 
 
 @pytest.mark.parametrize(
