@@ -87,11 +87,12 @@ postgres-bin:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
 
 # The benchmarks' load generators and fast upstream, all from Debian: wrk and nginx
-# (bench.edge), h2load (bench.latest_weights, package 'nghttp2-client').
+# (bench.edge), h2load (bench.latest_weights, package 'nghttp2-client'), valgrind
+# (bench.edge_instructions).
 bench-bin:
-	@{ command -v wrk && command -v h2load && { command -v nginx || test -x /usr/sbin/nginx; }; } >/dev/null 2>&1 || { \
-		echo "installing wrk, h2load and nginx (Debian packages 'wrk', 'nghttp2-client' and 'nginx')"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk nghttp2-client nginx >/dev/null; }
+	@{ command -v wrk && command -v h2load && command -v valgrind && { command -v nginx || test -x /usr/sbin/nginx; }; } >/dev/null 2>&1 || { \
+		echo "installing wrk, h2load, valgrind and nginx (Debian packages 'wrk', 'nghttp2-client', 'valgrind' and 'nginx')"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk nghttp2-client valgrind nginx >/dev/null; }
 
 # A whole subnet on embedded defaults: simulated chain, master on SQLite with the local
 # runtime and a real Envoy edge, the example challenges, validator agents.
@@ -101,7 +102,8 @@ dev: $(STAMP)
 # Every benchmark runs even when one misses its target (exit 1); the summary names those
 # that did not pass, and the target fails if any did not.
 BENCHMARKS := registry_fanout "registry_fanout --postgres" admin_writes weights_allocate \
-	"epoch --direct" epoch shim_calls latest_weights edge edge_propagation subnet
+	"epoch --direct" epoch shim_calls latest_weights edge edge_instructions edge_propagation \
+	subnet
 
 bench: $(STAMP) postgres-bin bench-bin
 	@failed=""; for b in $(BENCHMARKS); do \
