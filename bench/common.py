@@ -10,6 +10,7 @@ import os
 import platform
 import shlex
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -128,6 +129,20 @@ def master_pid(master: MasterProcess) -> int:
 def wait_serving(address: str, timeout: float = 10) -> None:
     with grpc.insecure_channel(address) as channel:
         grpc.channel_ready_future(channel).result(timeout=timeout)
+
+
+def stop_process(
+    proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 10
+) -> None:
+    """Stop a child by its PID: ``sig``, up to ``timeout`` seconds to exit, then SIGKILL;
+    reaped either way."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 # -- /proc readings -------------------------------------------------------------------

@@ -134,6 +134,7 @@ from bench.common import (
     percentile,
     print_targets,
     run_in_scratch,
+    stop_process,
     table,
     targets_status,
 )
@@ -360,13 +361,8 @@ class Nginx:
         )
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.send_signal(signal.SIGKILL)
-                self.proc.wait(timeout=10)
+        if self.proc is not None:
+            stop_process(self.proc)
 
 
 def _connection(

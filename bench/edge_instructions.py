@@ -43,7 +43,6 @@ import copy
 import http.client
 import json
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -53,7 +52,7 @@ from typing import Any
 
 import yaml
 
-from bench.common import command_line, fail, machine, run_in_scratch, table
+from bench.common import command_line, fail, machine, run_in_scratch, stop_process, table
 from bench.edge import STATIC_BODY, STATIC_FILE, Nginx, find_tools, reference_bootstrap
 from master.edge.model import PUBLIC_PREFIX, EdgeChallenge, EdgeLimits, EdgeSettings, EdgeState
 from master.edge.proxy import envoy_binary, render_bootstrap
@@ -281,12 +280,8 @@ def instructions_per_request(
         _get(listen_port, requests)
         _callgrind_control(envoy.pid, "off")
     finally:
-        envoy.send_signal(signal.SIGTERM)
-        try:
-            envoy.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            envoy.kill()
-            envoy.wait()
+        # Slowed by callgrind, Envoy takes seconds to exit and write the counts.
+        stop_process(envoy, timeout=60)
     if envoy.returncode != 0:
         raise RuntimeError(f"Envoy exited with {envoy.returncode}: {log.read_text()[-2000:]}")
     return totals(profile) / requests
