@@ -12,7 +12,8 @@ instances), then the submitter gets ``--shutdown-grace`` to finish a submission 
 flight (a wait for the rate limit is left at once, and its epoch goes back to the
 queue), the reporter one last delivery round within what is left of the grace; then the
 challenges (stopped, or left running with ``--runtime-keep-on-exit``), the channel, the
-chain and the store.
+chain and the store, each given ``CLOSE_TIMEOUT_S`` to close and otherwise left behind
+with a warning that names it, so a stop ends in bounded time.
 """
 
 from __future__ import annotations
@@ -332,8 +333,12 @@ class Agent:
         reporting = self._tasks.get("reporter")
         await _cancel(reporting)
         if self._reporter is not None and (remaining := deadline - time.monotonic()) > 0:
-            with contextlib.suppress(Exception):
+            try:
                 await asyncio.wait_for(self._reporter.deliver(), remaining)
+            except TimeoutError:
+                log.warning("the last report delivery ran out of the grace; left undelivered")
+            except Exception:
+                log.debug("the last report delivery failed", exc_info=True)
         if self._status is not None:
             self._status.stop()
         if self.runtime is not None:
@@ -343,16 +348,19 @@ class Agent:
             except Exception:
                 log.exception("the local runtime did not close cleanly")
         if self._channel is not None:
-            await self._channel.close()
-        await self._close_chain()
+            await _bounded_close("the channel to the master", self._channel.close())
+        if self._chain is not None and self._own_chain:
+            await _bounded_close("the chain client", self._chain.close())
         if self.store is not None:
-            await self.store.close()
-        log.info("validator agent stopped")
+            await _bounded_close("the store", self.store.close())
+        log.info(
+            "validator agent stopped",
+            extra={"seconds": round(time.monotonic() - deadline + grace, 3)},
+        )
 
     async def _close_chain(self) -> None:
         if self._chain is not None and self._own_chain:
-            with contextlib.suppress(Exception):
-                await self._chain.close()
+            await _bounded_close("the chain client", self._chain.close())
 
     # -- expiry -----------------------------------------------------------------------
 
@@ -413,6 +421,23 @@ class Agent:
         if self._stopping:
             details["stopping"] = True
         return (not self._stopping and self._failed is None), details
+
+
+# How long each resource gets to close on the way out; one that takes longer is left
+# behind (the process is exiting) and named in the log, so a stop stays bounded.
+CLOSE_TIMEOUT_S = 5.0
+
+
+async def _bounded_close(what: str, closing: Coroutine[Any, Any, Any]) -> None:
+    try:
+        await asyncio.wait_for(closing, CLOSE_TIMEOUT_S)
+    except TimeoutError:
+        log.warning(
+            "a resource did not close in time; left behind",
+            extra={"resource": what, "timeout_seconds": CLOSE_TIMEOUT_S},
+        )
+    except Exception:
+        log.warning("a resource failed to close", extra={"resource": what}, exc_info=True)
 
 
 async def _cancel(task: asyncio.Task[None] | None) -> None:

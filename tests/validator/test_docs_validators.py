@@ -30,6 +30,7 @@ from tests.support.waiting import eventually
 from tests.validator.support import VALIDATOR_KEY, master_hotkey, signer
 from tests.validator.test_agent_master import Site, make_site, start_master
 from validator import telemetry
+from validator.agent import CLOSE_TIMEOUT_S
 from validator.config import ValidatorConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -144,11 +145,16 @@ def health(metrics: str) -> dict[str, Any]:
         return {}
 
 
+# The agent's stop is bounded: the grace (the guide's commands keep the default), then each
+# of three resources (channel, chain, store) at most CLOSE_TIMEOUT_S; plus a margin.
+STOP_TIMEOUT_S = ValidatorConfig().shutdown_grace + 3 * CLOSE_TIMEOUT_S + 15
+
+
 async def stopped(proc: subprocess.Popen[bytes], log: Path) -> tuple[int, str]:
     """SIGTERM to the agent if it still runs; its exit status and log."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
-    code = await asyncio.to_thread(proc.wait, 30)
+    code = await asyncio.to_thread(proc.wait, STOP_TIMEOUT_S)
     return code, await asyncio.to_thread(log.read_text, errors="replace")
 
 
