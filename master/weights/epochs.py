@@ -161,8 +161,14 @@ class EpochEngine:
                 if claimed:
                     # Sealed on the metagraph at the block that chose this slot: a block
                     # later the chain may already be in the next tempo.
-                    if not await self._run_logged(block):
-                        await self._release_tempo(end_block)
+                    sealed = False
+                    try:
+                        sealed = await self._run_logged(block)
+                    finally:
+                        # Also when this replica stops mid-run (cancelled): a claim is
+                        # never given up otherwise, and no other replica would run it.
+                        if not sealed:
+                            await self._release_tempo(end_block)
                     last_slot = slot
                     wait_blocks = remaining + 1
                 else:
