@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -232,6 +233,39 @@ async def test_a_replica_that_cannot_seal_gives_its_tempo_back(
     assert await store.last_epoch() == 0
     for _, slot in runs:
         assert await store.tempo_holder(end_of(slot)) is None, slot
+
+
+@on_sqlite
+async def test_a_replica_stopped_mid_run_gives_its_tempo_back(
+    database_url: str,
+    engine: AsyncEngine,
+    tmp_path: Path,
+    token_key_file: Path,
+) -> None:
+    subnet = tempo_subnet(tmp_path, tempo=TEMPO, block_time=0.05)
+    master = await start_epoch_master(
+        database_url, subnet, token_key_file, **tempo_schedule(lead=LEAD, block_time=0.05)
+    )
+    store = WeightsStore(engine)
+    started: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    run = master.engine.run_epoch
+
+    async def held(block: int | None = None) -> weights_pb2.Epoch:
+        # A run still collecting when the replica stops (a rolling restart).
+        assert block is not None
+        if not started.done():
+            started.set_result(tempo_position(block, 1, TEMPO)[0])
+        await asyncio.Event().wait()
+        return await run(block)
+
+    master.engine.run_epoch = held  # type: ignore[method-assign]
+    try:
+        slot = await asyncio.wait_for(started, 30)
+        assert await store.tempo_holder(end_of(slot)) == master.engine.holder
+    finally:
+        await master.close()
+    # Given back, so another replica can still run the tempo's epoch.
+    assert await store.tempo_holder(end_of(slot)) is None
 
 
 def end_of(slot: int) -> int:
