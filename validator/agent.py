@@ -312,7 +312,8 @@ class Agent:
         self._stopping = True
         grace = self.config.shutdown_grace
         log.info("validator agent stopping", extra={"grace_seconds": grace})
-        deadline = time.monotonic() + grace
+        started = time.monotonic()
+        deadline = started + grace
         for name in ("stream.weights", "stream.registry", "challenges", "expiry"):
             await _cancel(self._tasks.get(name))
         submitting = self._tasks.get("submitter")
@@ -349,14 +350,10 @@ class Agent:
                 log.exception("the local runtime did not close cleanly")
         if self._channel is not None:
             await _bounded_close("the channel to the master", self._channel.close())
-        if self._chain is not None and self._own_chain:
-            await _bounded_close("the chain client", self._chain.close())
+        await self._close_chain()
         if self.store is not None:
             await _bounded_close("the store", self.store.close())
-        log.info(
-            "validator agent stopped",
-            extra={"seconds": round(time.monotonic() - deadline + grace, 3)},
-        )
+        log.info("validator agent stopped", extra={"seconds": round(time.monotonic() - started, 3)})
 
     async def _close_chain(self) -> None:
         if self._chain is not None and self._own_chain:

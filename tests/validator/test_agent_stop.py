@@ -22,7 +22,7 @@ async def test_a_close_that_hangs_is_left_behind_and_named(
     assert record.__dict__["resource"] == "the chain client"
 
 
-async def test_a_close_that_fails_is_named_and_does_not_stop_the_rest(
+async def test_a_close_that_fails_is_named_and_does_not_raise(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     async def broken() -> None:
