@@ -94,6 +94,7 @@ from envoy.config.core.v3 import (
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.access_loggers.filters.cel.v3 import cel_pb2
 from envoy.extensions.access_loggers.stream.v3 import stream_pb2
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.extensions.filters.http.buffer.v3 import buffer_pb2
@@ -136,6 +137,9 @@ RATE_LIMIT_HOTKEY_FILTER = "rate_limit_hotkey"
 ROUTER_FILTER = "envoy.filters.http.router"
 
 HCM_FILTER = "envoy.filters.network.http_connection_manager"
+CEL_FILTER = "envoy.access_loggers.extension_filters.cel"
+# Envoy's response code details on the 503 of its overload manager (stop_accepting_requests).
+OVERLOAD_CODE_DETAILS = "overload"
 TLS_TRANSPORT_SOCKET = "envoy.transport_sockets.tls"
 # The SDS secret the HTTPS listener takes its certificate from.
 TLS_SECRET_NAME = "edge-tls"  # noqa: S105 - a resource name, no secret
@@ -517,6 +521,13 @@ def _local_reply_config() -> Any:
     authz_down.and_filter.filters.extend([uaex, _status_filter(503)])
     mapper(authz_down, {"error": "authorization_unavailable"})
     mapper(uaex, None)
+    # Envoy past its heap budget (the overload manager's stop_accepting_requests) answers
+    # 503 with no response flag: say so, rather than blame the challenge.
+    overloaded = accesslog_pb2.AccessLogFilter()
+    overloaded.and_filter.filters.extend(
+        [_status_filter(503), _response_code_details_filter(OVERLOAD_CODE_DETAILS)]
+    )
+    mapper(overloaded, {"error": "edge_overloaded"})
     upstream_failed = accesslog_pb2.AccessLogFilter()
     upstream_failed.or_filter.filters.extend(_status_filter(code) for code in (502, 503, 504))
     mapper(upstream_failed, {"error": "challenge_unavailable"})
@@ -525,6 +536,18 @@ def _local_reply_config() -> Any:
     mapper(_status_filter(408), {"error": "request_timeout"})
     mapper(_status_filter(400), {"error": "bad_request"})
     return config
+
+
+def _response_code_details_filter(details: str) -> Any:
+    """Matches a reply whose response code details (Envoy's reason for it) are ``details``;
+    a CEL expression, the one access log filter that can read them."""
+    match = accesslog_pb2.AccessLogFilter()
+    match.extension_filter.name = CEL_FILTER
+    _pack(
+        match.extension_filter.typed_config,
+        cel_pb2.ExpressionFilter(expression=f"response.code_details == {details!r}"),
+    )
+    return match
 
 
 def _status_filter(code: int) -> Any:

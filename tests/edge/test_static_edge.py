@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from master.edge.model import (
     PATH_OVERRIDE_HEADERS,
@@ -36,6 +37,7 @@ from master.edge.model import (
     EdgeSettings,
     EdgeState,
 )
+from master.edge.proxy import render_bootstrap
 from master.edge.translate import static_bootstrap, translate
 from tests.edge.envoy_support import (
     RawResponse,
@@ -57,6 +59,8 @@ GENEROUS = 100_000
 CUSTOM_BLOCKED = ("/admin", "/debug")
 BLOCKED_NAMES = frozenset({"internal", "health", "version", "admin", "debug"})
 EDGE_TOKEN = "test-edge-token"
+# The overload manager looks at the heap every 0.25 s.
+OVERLOAD_WAIT_S = 10.0
 
 
 def _limits(
@@ -92,9 +96,15 @@ class Edge:
 
 @contextlib.contextmanager
 def _run_edge(
-    state: EdgeState, workdir: Path, upstream: UpstreamServer, envoy_args: Sequence[str] = ()
+    state: EdgeState,
+    workdir: Path,
+    upstream: UpstreamServer,
+    envoy_args: Sequence[str] = (),
+    overload_manager: dict[str, Any] | None = None,
 ) -> Iterator[Edge]:
     bootstrap = static_bootstrap(translate(state), admin_host="127.0.0.1", admin_port=free_port())
+    if overload_manager is not None:
+        bootstrap["overload_manager"] = overload_manager
     envoy = StaticEnvoy(bootstrap, workdir, envoy_args)
     envoy.start()
     try:
@@ -108,12 +118,13 @@ def _edge_with_upstream(
     workdir: Path,
     challenges: Callable[[int], tuple[EdgeChallenge, ...]],
     envoy_args: Sequence[str] = (),
+    overload_manager: dict[str, Any] | None = None,
     **settings: Any,
 ) -> Iterator[Edge]:
     """An edge in front of a new recording upstream, with ``challenges(upstream_port)``;
-    ``envoy_args`` are more Envoy options, ``settings`` more :class:`EdgeSettings` fields.
-    Unless ``authz_port`` is among them, nothing listens on the authz port: signed routes
-    must fail closed."""
+    ``envoy_args`` are more Envoy options, ``overload_manager`` the bootstrap's (none by
+    default), ``settings`` more :class:`EdgeSettings` fields. Unless ``authz_port`` is among
+    them, nothing listens on the authz port: signed routes must fail closed."""
     upstream = UpstreamServer().start()
     try:
         fields: dict[str, Any] = {"authz_port": free_port(), **settings}
@@ -121,7 +132,7 @@ def _edge_with_upstream(
             settings=EdgeSettings(listen_port=free_port(), edge_token=EDGE_TOKEN, **fields),
             challenges=challenges(upstream.port),
         )
-        with _run_edge(state, workdir, upstream, envoy_args) as edge:
+        with _run_edge(state, workdir, upstream, envoy_args, overload_manager) as edge:
             yield edge
     finally:
         upstream.stop()
@@ -342,6 +353,39 @@ def test_upstream_down_gives_a_safe_503(edge: Edge) -> None:
     response = edge.get("/challenges/down/anything")
     assert response.status == 503
     assert _json(response) == {"error": "challenge_unavailable"}
+
+
+def test_an_envoy_over_its_heap_budget_says_so_with_503(tmp_path: Path) -> None:
+    """The overload manager of the bootstrap the master renders, with a heap budget below
+    what Envoy uses from its start: new requests get 503 naming the edge, not the challenge,
+    and nothing reaches the upstream."""
+    rendered = yaml.safe_load(
+        render_bootstrap(
+            node_id="test",
+            admin_host="127.0.0.1",
+            admin_port=0,
+            xds_host="127.0.0.1",
+            xds_port=1,
+            edge_token=EDGE_TOKEN,
+        )
+    )
+    overload = rendered["overload_manager"]
+    (heap,) = [m for m in overload["resource_monitors"] if m["name"].endswith(".fixed_heap")]
+    heap["typed_config"]["max_heap_size_bytes"] = 1024 * 1024
+
+    def one(port: int) -> tuple[EdgeChallenge, ...]:
+        return (EdgeChallenge("open", "127.0.0.1", port, _limits()),)
+
+    with _edge_with_upstream(tmp_path, one, overload_manager=overload) as edge:
+        active = "overload.envoy.overload_actions.stop_accepting_requests.active: 1"
+        deadline = time.monotonic() + OVERLOAD_WAIT_S
+        while active not in edge.envoy.admin_get("/stats?filter=stop_accepting")[1]:
+            assert time.monotonic() < deadline, "the overload action never became active"
+            time.sleep(0.05)
+        response = edge.get("/challenges/open/x")
+        assert response.status == 503
+        assert _json(response) == {"error": "edge_overloaded"}
+        assert edge.upstream.requests() == []
 
 
 def test_signed_routes_fail_closed_when_authz_is_unreachable(edge: Edge) -> None:
