@@ -471,6 +471,8 @@ class Master:
             xds_host=xds_host,
             xds_port=self.port,
             edge_token=self._edge_token,
+            max_connections=config.edge_max_connections,
+            max_heap_bytes=config.edge_max_heap_bytes,
         )
         envoy = EnvoyProcess(
             bootstrap,

@@ -124,7 +124,7 @@ def register_edge(subparsers: Any) -> None:
 def run_edge_bootstrap(args: argparse.Namespace) -> int:
     import os
 
-    from master.edge.model import MIN_HEAP_BYTES
+    from master.edge.model import bootstrap_limit_problem
     from master.edge.proxy import render_bootstrap
     from platform_common.config import ConfigError, parse_host_port, secret_token
     from platform_common.files import write_atomically
@@ -141,12 +141,12 @@ def run_edge_bootstrap(args: argparse.Namespace) -> int:
         )
         xds_host, xds_port = parse_host_port(args.xds, "--xds")
         admin_host, admin_port = parse_host_port(args.admin, "--admin")
-        if args.max_connections < 1:
-            raise ConfigError("--max-connections: must be at least 1")
-        if args.max_heap_bytes < MIN_HEAP_BYTES:
-            raise ConfigError(
-                f"--max-heap-bytes: must be at least {MIN_HEAP_BYTES} ({MIN_HEAP_BYTES >> 20} MiB)"
-            )
+        problem = bootstrap_limit_problem(
+            max_connections=args.max_connections, max_heap_bytes=args.max_heap_bytes
+        )
+        if problem is not None:
+            name, rule = problem
+            raise ConfigError(f"--{name.replace('_', '-')}: {rule}")
         bootstrap = render_bootstrap(
             node_id=args.node_id,
             admin_host=admin_host,

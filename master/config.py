@@ -6,6 +6,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from master.edge.model import (
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_HEAP_BYTES,
+    bootstrap_limit_problem,
+)
 from master.registry.rules import DEFAULT_METADATA_KEYS
 from master.registry.tokens import read_key_file
 from platform_common.config import (
@@ -211,6 +216,18 @@ class MasterConfig:
         "admin address HOST:PORT of the local Envoy started with --edge-envoy (port 0 picks one)",
         metavar="HOST:PORT",
     )
+    edge_max_connections: int = setting(
+        DEFAULT_MAX_CONNECTIONS,
+        "open client connections the local Envoy (--edge-envoy) accepts; past it each new one "
+        "is closed at once",
+        metavar="N",
+    )
+    edge_max_heap_bytes: int = setting(
+        DEFAULT_MAX_HEAP_BYTES,
+        "heap budget of the local Envoy (--edge-envoy): near it Envoy answers new requests 503; "
+        "keep it below the memory Envoy may use",
+        metavar="BYTES",
+    )
     edge_envoy_dir: str = setting(
         "",
         "where the local Envoy's bootstrap (mode 0600) and log go; empty: a private temporary "
@@ -410,6 +427,12 @@ class MasterConfig:
             return
         parse_host_port(self.edge_listen, "--edge-listen")
         parse_host_port(self.edge_admin_listen, "--edge-admin-listen")
+        problem = bootstrap_limit_problem(
+            max_connections=self.edge_max_connections, max_heap_bytes=self.edge_max_heap_bytes
+        )
+        if problem is not None:
+            name, rule = problem
+            raise ConfigError(f"--edge-{name.replace('_', '-')}: {rule}")
         if self.edge_authz_address:
             parse_host_port(self.edge_authz_address, "--edge-authz-address")
         for name in (

@@ -165,6 +165,11 @@ def test_the_operators_guide_sample_config_loads_and_checks(tmp_path: Path) -> N
         (("--edge-rate-per-ip", "0"), "--edge-rate-per-ip: must be at least 1"),
         (("--edge-authz-rate-per-ip", "0"), "--edge-authz-rate-per-ip: must be at least 1"),
         (("--edge-timeout", "0"), "--edge-timeout: must be 1..3600 seconds"),
+        (("--edge-max-connections", "0"), "--edge-max-connections: must be an integer of at "),
+        (
+            ("--edge-max-heap-bytes", str(64 * 1024 * 1024 - 1)),
+            "--edge-max-heap-bytes: must be an integer of at least 67108864 (64 MiB); got 67108863",
+        ),
         (("--edge-trusted-proxies", "-1"), "--edge-trusted-proxies: must be 0..10"),
         (("--edge-trusted-proxies", "11"), "--edge-trusted-proxies: must be 0..10"),
         (("--edge-tls-cert", "/etc/edge.crt"), "--edge-tls-key: required with the other"),

@@ -301,9 +301,9 @@ def test_edge_bootstrap_refuses_limits_naming_the_flag(flag: str, value: str) ->
     )  # fmt: skip
     assert result.returncode == 2
     assert result.stdout == ""
-    assert result.stderr.startswith(f"platform edge bootstrap: {flag}: must be at least"), (
-        result.stderr
-    )
+    assert result.stderr.startswith(
+        f"platform edge bootstrap: {flag}: must be an integer of at least"
+    ), result.stderr
 
 
 def test_edge_bootstrap_writes_a_private_file_with_output(tmp_path: Path) -> None:

@@ -79,6 +79,21 @@ DEFAULT_MAX_HEAP_BYTES = 1024 * 1024 * 1024
 MIN_HEAP_BYTES = 64 * 1024 * 1024
 
 
+def bootstrap_limit_problem(
+    *, max_connections: object, max_heap_bytes: object
+) -> tuple[str, str] | None:
+    """The first of the bootstrap's process-wide limits out of range, as (parameter name,
+    the rule it breaks, with the value); None when both hold. Callers name their own flag."""
+    limits: tuple[tuple[str, object, int, str], ...] = (
+        ("max_connections", max_connections, 1, ""),
+        ("max_heap_bytes", max_heap_bytes, MIN_HEAP_BYTES, f" ({MIN_HEAP_BYTES >> 20} MiB)"),
+    )
+    for name, limit, least, unit in limits:
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < least:
+            return name, f"must be an integer of at least {least}{unit}; got {limit!r}"
+    return None
+
+
 @dataclass(frozen=True)
 class EdgeSettings:
     """Deployment-wide settings of the edge (from the master's configuration)."""

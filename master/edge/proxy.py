@@ -46,8 +46,8 @@ import aiohttp
 from master.edge.model import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_HEAP_BYTES,
-    MIN_HEAP_BYTES,
     STAT_PREFIX,
+    bootstrap_limit_problem,
 )
 from platform_common.config import join_host_port
 from platform_common.files import write_atomically
@@ -121,13 +121,12 @@ def render_bootstrap(
         raise ValueError("edge_token must fit in an HTTP header (no CR, LF or NUL)")
     if xds_port == 0:
         raise ValueError("xds_port must be the port the master's gRPC server listens on")
-    limits: tuple[tuple[str, object, int], ...] = (
-        ("max_connections", max_connections, 1),
-        ("max_heap_bytes", max_heap_bytes, MIN_HEAP_BYTES),
+    problem = bootstrap_limit_problem(
+        max_connections=max_connections, max_heap_bytes=max_heap_bytes
     )
-    for name, limit, least in limits:
-        if not isinstance(limit, int) or isinstance(limit, bool) or limit < least:
-            raise ValueError(f"{name} must be an integer of at least {least}, not {limit!r}")
+    if problem is not None:
+        name, rule = problem
+        raise ValueError(f"{name} {rule}")
     path = template if template is not None else DEFAULT_TEMPLATE
     if not path.is_file():
         raise FileNotFoundError(
