@@ -179,10 +179,13 @@ SEGMENT_CONTINUATIONS = (";", ".", "%")
 # overlong or invalid UTF-8 (``%c0%ae`` is an overlong "."), which are refused here, as is any
 # encoded unreserved character that survives normalization (none should). Also refused:
 # encoded control characters anywhere (``%00``-``%1F``, ``%7F``: servers truncate at NUL or
-# trim them), and a segment that starts with whitespace, with ``;`` or ``%3b`` or with three
+# trim them), a segment that starts with whitespace, with ``;`` or ``%3b`` or with three
 # dots, because servers that trim whitespace and trailing dots or drop matrix parameters (some
 # after decoding them) turn ``/ /internal``, ``/%3bx/internal`` or ``/.../internal`` into
-# ``//internal``, which they then merge into ``/internal`` after the edge routed it as public.
+# ``//internal``, which they then merge into ``/internal`` after the edge routed it as public,
+# and for the same reason a dot segment followed by any of those (``/..;/``, ``/.%20/``,
+# ``/..%3bx/``: Envoy does not resolve them, and Tomcat reads ``/x/..;/internal`` as
+# ``/internal``).
 # RE2 syntax, matched against the whole normalized path (no query); kept small for Envoy's
 # RE2 program size limit.
 NON_CANONICAL_PATH_REGEX = (
@@ -190,7 +193,7 @@ NON_CANONICAL_PATH_REGEX = (
     r"|[46][1-9a-fA-F]|[57][0-9aA]|3[0-9]|2[dDeE]|5[fF]|7[eE]"
     r"|[cC][01]|[eE]0%[89]|[fF]0%8|[fF][5-9a-fA-F]"
     r"|[^0-9a-fA-F]|[0-9a-fA-F][^0-9a-fA-F]|[0-9a-fA-F]?$)"
-    r"|/(?:%20|;|%3[bB]|[ \t]|\.\.\.)).*"
+    r"|/(?:\.{0,2}(?:%20|;|%3[bB]|[ \t])|\.\.\.)).*"
 )
 
 ACCESS_LOG_FORMAT: Mapping[str, str] = {
@@ -590,7 +593,10 @@ def _challenge_routes(challenge: EdgeChallenge, settings: EdgeSettings) -> list[
     root = f"{PUBLIC_PREFIX}{slug}"
     routes: list[Any] = []
 
-    blocked = _ordered_prefixes((*BUILTIN_BLOCKED_PREFIXES, *challenge.blocked_path_prefixes))
+    # The challenge's own public prefix under itself, too: a server that cuts that prefix off
+    # itself (FastAPI's root_path) would route /challenges/{slug}/challenges/{slug}/internal,
+    # which reaches it as /challenges/{slug}/internal, to /internal.
+    blocked = _ordered_prefixes((*BUILTIN_BLOCKED_PREFIXES, root, *challenge.blocked_path_prefixes))
     for prefix in blocked:
         for match_name, match in _prefix_matches(root, prefix):
             route = route_components_pb2.Route(name=f"{slug}:blocked:{match_name}")

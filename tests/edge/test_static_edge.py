@@ -246,6 +246,14 @@ def test_path_override_headers_never_reach_the_upstream(edge: Edge, header: str)
         "/;/x",  # matrix parameters with no segment name
         "/;a=b/x",
         "/.../x",  # only dots, which some servers trim away
+        "/.%20/x",  # a dot segment a server trims into "." (or "..") after the edge routed it
+        "/..%20/x",
+        # A dot segment with matrix parameters (Tomcat reads "/..;/" as "/../"). Written
+        # plainly, Envoy resolves it as a dot segment itself; encoded, it does not.
+        "/%2e;/x",
+        "/%2e%2e;a=b/x",
+        "/.%3b/x",
+        "/..%3Bx/x",
         "/x%00",  # encoded control characters anywhere
         "/x%0a",
         "/x%7F",
@@ -415,6 +423,15 @@ def test_signed_routes_fail_closed_when_authz_is_unreachable(edge: Edge) -> None
         ("/%20/submit", 400),
         ("/.../submit", 400),
         ("/submit%00", 400),
+        ("/.%20/submit", 400),
+        ("/x/..%20/submit", 400),
+        ("/%2e;/submit", 400),
+        ("/x/%2e%2e;x/submit", 400),
+        ("/.%3b/submit", 400),
+        # The challenge's public prefix again: a server that cuts it off itself (FastAPI's
+        # root_path) would route this to /submit.
+        ("/challenges/partial/submit", 403),
+        ("/CHALLENGES/partial/x/../submit", 403),
     ],
 )
 def test_signed_prefix_spellings_never_reach_the_upstream_unsigned(
@@ -633,6 +650,21 @@ _BYPASS_SUFFIXES = (
     "/%7finternal",
     "/.../internal",
     "/x/.%2e./internal",
+    "/.%20/internal",
+    "/%2E%20/internal",
+    "/..%20/Admin",
+    "/x/%2E%2E%20/%68ealth",
+    "/a/b/..%20/..%20/internal",
+    "/.%20;/admin",
+    "/%2e;/internal",
+    "/%2e%2e;x/internal",
+    "/x/%2e%2e;x/internal",
+    "/.%3b/internal",
+    "/..%3Bx/%68ealth",
+    "/challenges/open/internal",
+    "/CHALLENGES/OPEN/health",
+    "/challenges/open;x/internal",
+    "/x/%2e%2e/challenges/open/internal",
     "/health",
     "/HEALTH/",
     "/health;x",
