@@ -879,6 +879,8 @@ _MUTATION_TOKENS = (
     *(" ", "%20", "\t", "%09", "%00", "%0d%0a", "%2f", "%2F", "%5c", "\\", "?", "#"),
     *("%3f", "%23", "%25", "+", "%2b", "&", "=", ",", ":", "%3a", "@", "!", "$", "*"),
     *("%c0%af", "%c0%ae", "%ef%bc%8f", "%e2%80%8b", "%c2%a0", "%ff", "%u0069"),
+    # Dot segments Envoy does not resolve, and the public prefix again.
+    *("/%2e;/", "/%2e%2e;x/", "/.%20/", "/..%20/", "/.%3b/", "/%2e%2e%3Bx/", "/challenges/open/"),
 )
 
 
