@@ -11,8 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-# Headers only the platform may set. Stripped from every inbound request before
-# any other filter runs; the verified identity ones are then set by ext_authz.
+# Headers only the platform may set: the whole x-platform- prefix is the platform's, and
+# every header under it is stripped from each inbound request before any other filter runs;
+# the verified identity ones are then set by ext_authz. The ones the platform sets:
+PLATFORM_HEADER_PREFIX = "x-platform-"
 VERIFIED_HOTKEY_HEADER = "x-platform-verified-hotkey"
 VERIFIED_UID_HEADER = "x-platform-verified-uid"
 PLATFORM_ONLY_HEADERS = (
@@ -23,10 +25,22 @@ PLATFORM_ONLY_HEADERS = (
     "x-platform-edge",
 )
 
-# Request headers some frameworks and servers take as the real path (IIS URL Rewrite, Symfony
-# and Zend behind trusted proxies, nginx auth_request set-ups): removed from every inbound
-# request too, so a public route cannot carry an internal path to the challenge in a header.
-PATH_OVERRIDE_HEADERS = ("x-original-url", "x-original-uri", "x-rewrite-url", "x-override-url")
+# Request headers some frameworks and servers take as the real path, or as a prefix of it
+# (IIS URL Rewrite, Symfony and Zend behind trusted proxies, nginx auth_request set-ups;
+# X-Forwarded-Prefix: Spring's ForwardedHeaderFilter, ASP.NET Core, Werkzeug's ProxyFix):
+# removed from every inbound request too, so a public route cannot carry an internal path to
+# the challenge in a header.
+PATH_OVERRIDE_HEADERS = (
+    "x-original-url",
+    "x-original-uri",
+    "x-original-path",
+    "x-rewrite-url",
+    "x-override-url",
+    "x-request-uri",
+    "x-forwarded-prefix",
+    "x-forwarded-uri",
+    "x-forwarded-path",
+)
 
 # Paths refused at the edge for every challenge, in addition to its own list.
 BUILTIN_BLOCKED_PREFIXES = ("/internal", "/health", "/version")
