@@ -140,6 +140,8 @@ HCM_FILTER = "envoy.filters.network.http_connection_manager"
 CEL_FILTER = "envoy.access_loggers.extension_filters.cel"
 # Envoy's response code details on the 503 of its overload manager (stop_accepting_requests).
 OVERLOAD_CODE_DETAILS = "overload"
+# ... and on its 403 to an upgrade or CONNECT the route does not allow.
+UPGRADE_FAILED_CODE_DETAILS = "upgrade_failed"
 TLS_TRANSPORT_SOCKET = "envoy.transport_sockets.tls"
 # The SDS secret the HTTPS listener takes its certificate from.
 TLS_SECRET_NAME = "edge-tls"  # noqa: S105 - a resource name, no secret
@@ -537,6 +539,13 @@ def _local_reply_config() -> Any:
         [_status_filter(503), _response_code_details_filter(OVERLOAD_CODE_DETAILS)]
     )
     mapper(overloaded, {"error": "edge_overloaded"})
+    # An upgrade (WebSocket, h2c) or an HTTP/1.1 CONNECT: the edge carries neither, and
+    # Envoy answers 403 with no body; the edge's own 403s keep theirs.
+    upgrade = accesslog_pb2.AccessLogFilter()
+    upgrade.and_filter.filters.extend(
+        [_status_filter(403), _response_code_details_filter(UPGRADE_FAILED_CODE_DETAILS)]
+    )
+    mapper(upgrade, {"error": "upgrade_not_supported"})
     upstream_failed = accesslog_pb2.AccessLogFilter()
     upstream_failed.or_filter.filters.extend(_status_filter(code) for code in (502, 503, 504))
     mapper(upstream_failed, {"error": "challenge_unavailable"})
@@ -544,6 +553,11 @@ def _local_reply_config() -> Any:
     mapper(_status_filter(413), {"error": "payload_too_large"})
     mapper(_status_filter(408), {"error": "request_timeout"})
     mapper(_status_filter(400), {"error": "bad_request"})
+    # Envoy's own refusals: a request-target that is not a path (OPTIONS *), HTTP/1.0, an
+    # unknown transfer encoding.
+    mapper(_status_filter(404), {"error": "not_found"})
+    mapper(_status_filter(426), {"error": "upgrade_required"})
+    mapper(_status_filter(501), {"error": "not_implemented"})
     return config
 
 
@@ -591,6 +605,13 @@ def _route_configuration(challenges: list[EdgeChallenge], settings: EdgeSettings
     not_found = vhost.routes.add(name="not_found")
     not_found.match.prefix = "/"
     _direct(not_found, 404, {"error": "not_found"})
+    # HTTP/1.1 CONNECT (a tunnel) matches no path route. Without a route the listener's buffer
+    # filter would wait for the end of the tunnel before anything answered, holding the
+    # connection open with no reply. Matched here, Envoy refuses the tunnel at once (403
+    # upgrade_failed, since no route allows CONNECT); the 404 is what is left if it did not.
+    connect = vhost.routes.add(name="connect")
+    connect.match.connect_matcher.SetInParent()
+    _direct(connect, 404, {"error": "not_found"})
     return config
 
 

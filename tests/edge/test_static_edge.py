@@ -203,6 +203,42 @@ def test_unknown_slugs_and_paths_outside_challenges_are_404(edge: Edge, target: 
 
 
 @pytest.mark.parametrize(
+    ("request_bytes", "status", "error"),
+    [
+        # A tunnel matches no path route: answered at once, not held open.
+        (
+            b"CONNECT 127.0.0.1:80 HTTP/1.1\r\nHost: 127.0.0.1:80\r\n\r\n",
+            403,
+            "upgrade_not_supported",
+        ),
+        (
+            b"GET /challenges/open/ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\n"
+            b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            403,
+            "upgrade_not_supported",
+        ),
+        (b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n", 404, "not_found"),
+        (b"GET /challenges/open/x HTTP/1.0\r\nHost: a\r\n\r\n", 426, "upgrade_required"),
+        (
+            b"GET /challenges/open/x HTTP/1.1\r\nHost: a\r\n"
+            b"Transfer-Encoding: gzip, chunked\r\n\r\n",
+            501,
+            "not_implemented",
+        ),
+    ],
+)
+def test_requests_envoy_refuses_itself_are_answered_in_json(
+    edge: Edge, request_bytes: bytes, status: int, error: str
+) -> None:
+    before = len(edge.upstream.requests())
+    response = raw_request_bytes(edge.port, request_bytes)
+    assert response.status == status
+    assert _json(response) == {"error": error}
+    assert edge.upstream.paths()[before:] == []
+
+
+@pytest.mark.parametrize(
     "suffix", ["/internal", "/internal/x", "/health", "/version", "/admin", "/debug/x"]
 )
 def test_builtin_and_custom_blocked_prefixes_are_403(edge: Edge, suffix: str) -> None:

@@ -314,7 +314,11 @@ def test_empty_registry_has_only_the_authz_cluster_and_catch_alls() -> None:
     assert [c.name for c in resources.clusters] == [AUTHZ_CLUSTER]
     assert resources.endpoints == ()
     assert [listener.name for listener in resources.listeners] == [LISTENER_NAME]
-    assert [r.name for r in routes_of(CASES["empty"])] == ["non_canonical_path", "not_found"]
+    assert [r.name for r in routes_of(CASES["empty"])] == [
+        "non_canonical_path",
+        "not_found",
+        "connect",
+    ]
 
 
 def test_clusters_by_upstream_kind() -> None:
@@ -383,7 +387,7 @@ def test_route_order_blocked_then_signed_then_public() -> None:
     kinds = [name.split(":")[1] for name in names if name.startswith("arena:")]
     assert kinds == sorted(kinds, key=["blocked", "signed", "public"].index)
     assert names[0] == "non_canonical_path"
-    assert names[-1] == "not_found"
+    assert names[-2:] == ["not_found", "connect"]
     signed = [name for name in names if name.startswith("arena:signed:")]
     assert signed[0] == "arena:signed:/api/submit"
     assert "arena:signed:/api;" in signed
