@@ -92,6 +92,9 @@ NOT_FOR_KUBERNETES = {
     "edge_envoy": "in Kubernetes Envoy runs as its own Deployment, not as the master's child",
     "edge_envoy_dir": "only for the local Envoy of --edge-envoy",
     "edge_admin_listen": "only for the local Envoy of --edge-envoy",
+    # The chart's Envoy takes them from its own bootstrap values (edge.maxConnections, ...).
+    "edge_max_connections": "only for the local Envoy of --edge-envoy",
+    "edge_max_heap_bytes": "only for the local Envoy of --edge-envoy",
     "runtime_dir": "only for the local runtime",
     "runtime_images": "only for the local runtime",
     "runtime_keep_on_exit": "only for the local runtime",
