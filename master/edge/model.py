@@ -13,17 +13,10 @@ from typing import Any
 
 # Headers only the platform may set: the whole x-platform- prefix is the platform's, and
 # every header under it is stripped from each inbound request before any other filter runs;
-# the verified identity ones are then set by ext_authz. The ones the platform sets:
+# the verified identity ones are then set by ext_authz.
 PLATFORM_HEADER_PREFIX = "x-platform-"
 VERIFIED_HOTKEY_HEADER = "x-platform-verified-hotkey"
 VERIFIED_UID_HEADER = "x-platform-verified-uid"
-PLATFORM_ONLY_HEADERS = (
-    VERIFIED_HOTKEY_HEADER,
-    VERIFIED_UID_HEADER,
-    "x-platform-challenge",
-    "x-platform-challenge-slug",
-    "x-platform-edge",
-)
 
 # Request headers some frameworks and servers take as the real path, or as a prefix of it
 # (IIS URL Rewrite, Symfony and Zend behind trusted proxies, nginx auth_request set-ups;

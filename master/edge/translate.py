@@ -7,9 +7,10 @@ output with golden files and run it in a real Envoy (``envoy --mode validate`` a
 Shape of the edge, per request, in filter order (names are the HCM filter names that route
 and virtual-host ``typed_per_filter_config`` refer to):
 
-1. ``envoy.filters.http.header_mutation`` removes every platform-only header a client sent,
-   before anything can read or trust it, and the headers some servers take as the real path
-   (``x-original-url`` and the like). The HCM also rejects header names with underscores,
+1. ``envoy.filters.http.header_mutation`` removes every header under the platform's
+   ``x-platform-`` prefix a client sent, before anything can read or trust it, and the headers
+   some servers take as the real path (``x-original-url``, ``x-forwarded-prefix`` and the
+   like). The HCM also rejects header names with underscores,
    so ``x_platform_verified_hotkey`` cannot reach a framework that folds ``_`` into ``-``.
 2. ``rate_limit_ip`` (local rate limit, inert at listener level, enforced per route) refuses
    floods before any body is buffered: on public routes at the challenge's per-address rate,
@@ -476,8 +477,9 @@ def _connection_manager(settings: EdgeSettings) -> Any:
 
 
 def _header_mutation() -> Any:
-    """Removes every header under the platform's prefix and every path override header, in
-    one pass over the request's headers (a removal by name costs a pass each)."""
+    """Removes every header under the platform's prefix and every path override header: one
+    regular expression over the request's header names, since the platform's names are
+    open-ended (bench.edge_instructions: about what nine removals by name cost)."""
     mutation = header_mutation_pb2.HeaderMutation()
     remove = mutation.mutations.request_mutations.add().remove_on_match
     remove.key_matcher.safe_regex.regex = REMOVED_REQUEST_HEADERS_REGEX
@@ -539,8 +541,9 @@ def _local_reply_config() -> Any:
         [_status_filter(503), _response_code_details_filter(OVERLOAD_CODE_DETAILS)]
     )
     mapper(overloaded, {"error": "edge_overloaded"})
-    # An upgrade (WebSocket, h2c) or an HTTP/1.1 CONNECT: the edge carries neither, and
-    # Envoy answers 403 with no body; the edge's own 403s keep theirs.
+    # An upgrade (WebSocket) or an HTTP/1.1 CONNECT: the edge carries neither, and Envoy
+    # answers 403 with no body; the edge's own 403s keep theirs. (An h2c upgrade Envoy
+    # ignores: the request is answered over HTTP/1.1.)
     upgrade = accesslog_pb2.AccessLogFilter()
     upgrade.and_filter.filters.extend(
         [_status_filter(403), _response_code_details_filter(UPGRADE_FAILED_CODE_DETAILS)]

@@ -13,6 +13,7 @@ import contextlib
 import http.client
 import json
 import random
+import re
 import signal
 import socket
 import ssl
@@ -31,8 +32,8 @@ import yaml
 from master.edge.model import (
     PATH_OVERRIDE_HEADERS,
     PLATFORM_HEADER_PREFIX,
-    PLATFORM_ONLY_HEADERS,
     VERIFIED_HOTKEY_HEADER,
+    VERIFIED_UID_HEADER,
     EdgeChallenge,
     EdgeLimits,
     EdgeSettings,
@@ -255,7 +256,14 @@ def test_builtin_and_custom_blocked_prefixes_are_403(edge: Edge, suffix: str) ->
 
 def test_platform_only_headers_from_clients_never_reach_the_upstream(edge: Edge) -> None:
     # The platform's own names, and any other name under its prefix, in any case.
-    names = (*PLATFORM_ONLY_HEADERS, "x-platform-verified-role", "X-Platform-Anything")
+    names = (
+        VERIFIED_HOTKEY_HEADER,
+        VERIFIED_UID_HEADER,
+        "x-platform-challenge",
+        "x-platform-challenge-slug",
+        "x-platform-verified-role",
+        "X-Platform-Anything",
+    )
     forged = {name: "forged" for name in names}
     # Near misses are the client's own headers and pass.
     kept = {"x-other": "kept", "x-platforms": "kept", "platform-x": "kept"}
@@ -434,6 +442,10 @@ def test_an_envoy_over_its_heap_budget_says_so_with_503(tmp_path: Path) -> None:
         assert response.status == 503
         assert _json(response) == {"error": "edge_overloaded"}
         assert edge.upstream.requests() == []
+        # The stat operators.md points to: the heap's share of the budget, in percent.
+        stats = edge.envoy.admin_get("/stats?filter=fixed_heap.pressure")[1]
+        (pressure,) = re.findall(r"fixed_heap\.pressure: (\d+)", stats)
+        assert int(pressure) > 100
 
 
 def test_signed_routes_fail_closed_when_authz_is_unreachable(edge: Edge) -> None:
