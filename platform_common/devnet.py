@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
         address = master.wait_ready()
         master_hotkey = _ss58(MASTER_KEY)
         if not args.no_examples:
-            asyncio.run(_register_examples(address, token))
+            _run_stoppable(_register_examples(address, token))
         for uid in range(max(0, min(args.validators, 4))):
             validator = _validator(
                 platform,
@@ -195,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
             logs=logs,
             children=children,
         )
-        asyncio.run(_live_view(address, token, args.exit_after, children))
+        _run_stoppable(_live_view(address, token, args.exit_after, children))
     except KeyboardInterrupt:
         pass
     except RuntimeError as exc:
@@ -220,7 +221,8 @@ def _stop_on_signals() -> None:
     Ctrl-C does: a :class:`KeyboardInterrupt`, then the stop in :func:`run`'s ``finally``.
     Without this they would end this process at once and leave the chain, the master and
     the validators running. SIGINT is taken back from a shell that ignores it (a script's
-    background job), for the same reason."""
+    background job), for the same reason. These handlers stand between the event loops;
+    while one runs, :func:`_run_stoppable` takes the signals over."""
 
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
@@ -228,6 +230,46 @@ def _stop_on_signals() -> None:
     for signum in STOP_SIGNALS:
         handler = signal.default_int_handler if signum == signal.SIGINT else interrupt
         signal.signal(signum, handler)
+
+
+def _run_stoppable(main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` on a new event loop; a stop signal cancels it, and once it has unwound
+    (its gRPC channel closed) :class:`KeyboardInterrupt` is raised here.
+
+    This is how asyncio stops a program on Ctrl-C, extended to every signal in
+    :data:`STOP_SIGNALS`. The handlers of :func:`_stop_on_signals` raise
+    :class:`KeyboardInterrupt` wherever the main thread happens to be, which is safe in the
+    synchronous steps between these loops but not inside one: there it can land in
+    grpc.aio's completion callbacks, which swallow it half done, and the process then
+    hangs closing the channel or aborts at exit with a corrupted heap."""
+    if asyncio.run(_until_stopped(main)):
+        raise KeyboardInterrupt
+
+
+async def _until_stopped(main: Coroutine[Any, Any, None]) -> bool:
+    """Await ``main``, cancelled by the first stop signal; whether a signal stopped it."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    stopped: list[int] = []
+
+    def stop(signum: int) -> None:
+        if not stopped:  # a second signal must not cut the unwinding short
+            task.cancel()
+        stopped.append(signum)
+
+    for signum in STOP_SIGNALS:
+        loop.add_signal_handler(signum, stop, signum)
+    try:
+        await main
+    except asyncio.CancelledError:
+        if not stopped:
+            raise
+    finally:
+        for signum in STOP_SIGNALS:
+            loop.remove_signal_handler(signum)  # which leaves the default disposition
+        _stop_on_signals()
+    return bool(stopped)
 
 
 def _stop_left_challenges(runtime_dir: Path) -> list[str]:

@@ -7,12 +7,15 @@ import json
 import re
 import signal
 import socket
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from platform_common import devnet
 from platform_common.runtime.local import RECORD
 from tests.support.devnet import (
     dev_env,
@@ -148,6 +151,57 @@ def test_dev_stops_everything_on_a_stop_signal(
     assert proc.returncode == 0, "".join(seen) + out
     assert "Stopped." in out
     assert [p.info["cmdline"] for p in left] == []
+
+
+# A stop signal sent while an event loop runs, then code that stands for a grpc.aio
+# completion callback: a signal must not interrupt it (see devnet._run_stoppable).
+STOPPED_INSIDE_A_LOOP = """
+import asyncio, os, signal
+from platform_common import devnet
+
+events = []
+
+async def main():
+    try:
+        os.kill(os.getpid(), signal.{name})
+        total = sum(range(200_000))
+        events.append("uninterrupted")
+        await asyncio.sleep(60)
+    except asyncio.CancelledError:
+        events.append("cancelled")
+        raise
+    finally:
+        events.append("unwound")
+
+devnet._stop_on_signals()
+try:
+    devnet._run_stoppable(main())
+except KeyboardInterrupt:
+    events.append("KeyboardInterrupt")
+handler = signal.getsignal(signal.{name})
+print(",".join(events), handler not in (signal.SIG_DFL, signal.SIG_IGN))
+"""
+
+
+@pytest.mark.parametrize("signum", devnet.STOP_SIGNALS, ids=lambda s: s.name)
+def test_a_stop_signal_cancels_the_live_view_instead_of_interrupting_it(
+    signum: signal.Signals,
+) -> None:
+    """A stop signal that arrives while the live view's event loop runs cancels the view,
+    which unwinds and closes its channel, and only then becomes the KeyboardInterrupt that
+    stops the subnet; and the handlers that stop it between loops are back afterwards.
+    Raised where it landed instead, inside grpc.aio's callbacks, it left the process hung
+    or aborting at exit ("corrupted double-linked list")."""
+    done = subprocess.run(
+        [sys.executable, "-c", STOPPED_INSIDE_A_LOOP.format(name=signum.name)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["uninterrupted,cancelled,unwound,KeyboardInterrupt", "True"]
 
 
 def test_dev_stops_with_the_reason_when_a_process_it_runs_dies(tmp_path: Path) -> None:
