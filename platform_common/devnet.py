@@ -251,15 +251,16 @@ async def _until_stopped(main: Coroutine[Any, Any, None]) -> bool:
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
-    stopped: list[int] = []
+    stopped = False
 
-    def stop(signum: int) -> None:
+    def stop() -> None:
+        nonlocal stopped
         if not stopped:  # a second signal must not cut the unwinding short
+            stopped = True
             task.cancel()
-        stopped.append(signum)
 
     for signum in STOP_SIGNALS:
-        loop.add_signal_handler(signum, stop, signum)
+        loop.add_signal_handler(signum, stop)
     try:
         await main
     except asyncio.CancelledError:
@@ -269,7 +270,7 @@ async def _until_stopped(main: Coroutine[Any, Any, None]) -> bool:
         for signum in STOP_SIGNALS:
             loop.remove_signal_handler(signum)  # which leaves the default disposition
         _stop_on_signals()
-    return bool(stopped)
+    return stopped
 
 
 def _stop_left_challenges(runtime_dir: Path) -> list[str]:
